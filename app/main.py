@@ -10,9 +10,11 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from app.deps import require_user
 from app.errors import install_handlers
-from app.routes import health
+from app.routes import documents, health
 from app.services import ComponentStatus, Services
 from app.settings import Settings
+from app.upload_limit import UploadLimit
+from app.wiring import build_ingest, build_worker
 from ingest.db import make_engine, make_session_factory, migrate
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,33 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def start_ingest(services: Services) -> None:
+    """Load the embedder and index, and start the in-process worker (unless disabled)."""
+    settings = services.settings
+    services.embedder_status.set("loading")
+    try:
+        parts = build_ingest(settings, services.sessions)
+    except Exception as exc:  # a missing package or a mismatched index: report, keep serving
+        logger.error("ingestion unavailable: %s", exc)
+        services.embedder_status.set("error", str(exc))
+        return
+    services.embedder_status.set("ready", f"{parts.embedder.name} ({parts.embedder.dim}-d)")
+    services.extras.update(
+        store=parts.store, embedder=parts.embedder, index=parts.index, pipeline=parts.pipeline
+    )
+    if settings.worker:
+        worker = build_worker(settings, services.sessions, parts.pipeline)
+        worker.start()
+        services.extras["worker"] = worker
+        services.extras["wake_worker"] = worker.wake
+
+
+def stop_ingest(services: Services) -> None:
+    worker = services.extras.get("worker")
+    if worker is not None:
+        worker.stop()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -39,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = build_services(settings)
         app.state.services = services
+        start_ingest(services)
         logger.info(
             "ragqa ready: database=%s data_dir=%s",
             services.engine.dialect.name,
@@ -47,16 +77,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            stop_ingest(services)
             services.engine.dispose()
 
-    app = FastAPI(
+    app: FastAPI = FastAPI(
         title="ragqa",
         version="0.1.0",
         description="Question answering over your own documents, with cited answers.",
         lifespan=lifespan,
     )
     install_handlers(app)
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_user)])
+    v1.include_router(documents.router)
+    v1.include_router(documents.admin_router)
     app.include_router(v1)
     return app

@@ -101,7 +101,7 @@ class SentenceTransformerEmbedder:
         if bf16:
             self.model = self.model.to(torch.bfloat16)
         self.tokenizer = self.model.tokenizer
-        self.dim = int(self.model.get_sentence_embedding_dimension() or 0)
+        self.dim = int(self.model.get_embedding_dimension() or 0)
         # Two positions go to [CLS] and [SEP]; chunks must fit without truncation.
         self.max_tokens = int(self.model.max_seq_length) - 2
 

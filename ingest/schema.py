@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -56,6 +57,8 @@ class Document(Base):
     __table_args__ = (
         UniqueConstraint("collection", "sha256", name="uq_documents_collection_sha256"),
         Index("ix_documents_status", "status"),
+        # Never reuse ids: a vector left in FAISS by a crash must not name a later chunk.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -83,7 +86,10 @@ class Document(Base):
 
 class Chunk(Base):
     __tablename__ = "chunks"
-    __table_args__ = (UniqueConstraint("document_id", "ordinal", name="uq_chunks_doc_ordinal"),)
+    __table_args__ = (
+        UniqueConstraint("document_id", "ordinal", name="uq_chunks_doc_ordinal"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     document_id: Mapped[int] = mapped_column(
@@ -96,6 +102,9 @@ class Chunk(Base):
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
     token_count: Mapped[int] = mapped_column(Integer)
+    # The chunk's L2-normalised float32 vector from the index's embedder: the FAISS index
+    # is rebuilt from these without re-embedding, and repaired after a crash.
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     document: Mapped[Document] = relationship(back_populates="chunks")
 

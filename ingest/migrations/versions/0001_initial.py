@@ -35,6 +35,7 @@ def upgrade() -> None:
         _ts("created_at"),
         _ts("updated_at"),
         sa.UniqueConstraint("collection", "sha256", name="uq_documents_collection_sha256"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_documents_status", "documents", ["status"])
     op.create_table(
@@ -54,6 +55,7 @@ def upgrade() -> None:
         sa.Column("char_end", sa.Integer, nullable=False),
         sa.Column("token_count", sa.Integer, nullable=False),
         sa.UniqueConstraint("document_id", "ordinal", name="uq_chunks_doc_ordinal"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_chunks_document_id", "chunks", ["document_id"])
     op.create_table(
