@@ -60,16 +60,42 @@ def serve(
 
 @cli.command()
 def worker() -> None:
-    """Run the ingestion worker as its own process."""
-    _settings()
-    _not_yet("worker")
+    """Run the ingestion worker as its own process (SIGTERM finishes the current job)."""
+    from app.commands import run_worker
+
+    run_worker(_settings())
 
 
 @cli.command()
-def ingest(paths: Annotated[list[Path], typer.Argument(help="Files or folders.")]) -> None:
-    """Ingest files and folders (recursively)."""
-    _settings()
-    _not_yet("ingest")
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursive).")],
+    collection: Annotated[str, typer.Option(help="Collection to add them to.")] = "default",
+) -> None:
+    """Ingest files and folders in this process, then print a table of outcomes."""
+    from tqdm import tqdm
+
+    from app.commands import ingest_files, iter_files
+
+    settings = _settings()
+    try:
+        total = len(iter_files(paths))
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    with tqdm(total=total, unit="file", desc="ingest") as bar:
+        outcomes = ingest_files(
+            settings, paths, collection=collection, on_file=lambda _o: bar.update(1)
+        )
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    typer.echo(f"{'STATUS':<10} {'CHUNKS':>6}  FILE")
+    for o in outcomes:
+        reason = f"  ({o.error})" if o.status == "failed" and o.error else ""
+        typer.echo(f"{o.status:<10} {o.chunks:>6}  {o.path}{reason}")
+    typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if counts.get("failed"):
+        raise typer.Exit(1)
 
 
 @cli.command()
@@ -80,10 +106,45 @@ def ask(question: Annotated[str, typer.Argument(help="The question.")]) -> None:
 
 
 @cli.command()
-def reindex() -> None:
-    """Rebuild the search indexes from the database."""
-    _settings()
-    _not_yet("reindex")
+def reindex(
+    embedder: Annotated[
+        str | None, typer.Option(help="Re-embed every chunk with this embedder.")
+    ] = None,
+    reparse: Annotated[bool, typer.Option(help="Re-parse the stored originals first.")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Only compare database and index; exit 1 on mismatch.")
+    ] = False,
+) -> None:
+    """Rebuild the search index from the database (vectors are stored there)."""
+    from tqdm import tqdm
+
+    from app import commands
+
+    settings = _settings()
+    if verify:
+        report = commands.verify(settings)
+        typer.echo(
+            f"chunks in database: {report.chunks_in_db}, vectors in index: "
+            f"{report.vectors_in_index}, missing from index: {len(report.missing_from_index)}, "
+            f"orphans in index: {len(report.orphans_in_index)}, chunks without vector: "
+            f"{len(report.chunks_without_vector)}"
+        )
+        if not report.ok:
+            typer.echo("mismatch: run 'ragqa reindex' to rebuild the index", err=True)
+            raise typer.Exit(1)
+        typer.echo("ok: database and index agree")
+        return
+    if embedder:
+        with tqdm(unit="chunk", desc=f"embed with {embedder}") as bar:
+            count, folder = commands.reembed(settings, embedder, progress=bar.update)
+        typer.echo(
+            f"re-embedded {count} chunks into {folder}; restart the service with "
+            f"RAGQA_EMBEDDER={embedder} to search it"
+        )
+        return
+    with tqdm(unit="vector", desc="rebuild index") as bar:
+        count = commands.rebuild(settings, reparse=reparse, progress=bar.update)
+    typer.echo(f"index rebuilt: {count} vectors")
 
 
 @models_cli.command("list")

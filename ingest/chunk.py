@@ -2,10 +2,10 @@
 
 Blocks from the parser are laid end to end (joined by a blank line) into the document's
 extracted text; each chunk is a span of that text, so `char_start/char_end` point at the
-exact passage. Chunks never cross a heading; inside a section they are packed from whole
-paragraphs, paragraphs that are too long are cut at sentence ends (English and Chinese),
-and sentences that are still too long are cut into windows. Neighbouring chunks overlap
-by up to `overlap` tokens of whole units.
+exact passage. Chunks never cross a heading or a page end; inside a section they are
+packed from whole paragraphs, paragraphs that are too long are cut at sentence ends
+(English and Chinese), and sentences that are still too long are cut into windows.
+Neighbouring chunks overlap by up to `overlap` tokens of whole units.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class Chunker:
         """Return the extracted text and its chunks."""
         parts: list[str] = []
         sections: list[tuple[tuple[str, ...], list[tuple[int, int, int | None]]]] = []
+        last_page: int | None = None
         offset = 0
         for block in blocks:
             if parts:
@@ -98,8 +99,15 @@ class Chunker:
             start, end = offset, offset + len(block.text)
             parts.append(block.text)
             offset = end
-            if block.is_heading or not sections or sections[-1][0] != block.heading_path:
+            # A citation names one page, so chunks break at page ends as well as headings.
+            if (
+                block.is_heading
+                or not sections
+                or sections[-1][0] != block.heading_path
+                or block.page != last_page
+            ):
                 sections.append((block.heading_path, []))
+            last_page = block.page
             sections[-1][1].append((start, end, block.page))
         text = SEPARATOR.join(parts)
         drafts: list[ChunkDraft] = []

@@ -54,6 +54,29 @@ _BOMS = (
     (b"\xfe\xff", "utf-16-be"),
     (b"\xff\xfe", "utf-16-le"),
 )
+_PREFERENCE = {
+    name: rank
+    for rank, name in enumerate(
+        [
+            "utf_8",
+            "gb18030",
+            "gbk",
+            "gb2312",
+            "big5",
+            "cp1252",
+            "latin_1",
+            "iso8859_15",
+            "utf_16",
+            "utf_32",
+            "shift_jis",
+            "euc_jp",
+            "euc_kr",
+            "cp1251",
+            "koi8_r",
+            "cp1250",
+        ]
+    )
+}
 _HTML_RE = re.compile(rb"<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>]", re.IGNORECASE)
 _EML_HEADER_RE = re.compile(
     r"^(from|to|subject|date|received|return-path|message-id|mime-version|delivered-to)\s*:",
@@ -71,9 +94,14 @@ def decode_text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    best = charset_normalizer.from_bytes(data).best()
-    if best is None:
+    matches = list(charset_normalizer.from_bytes(data))
+    if not matches:
         raise UnsupportedType(f"binary data that is not a supported type ({supported_list()})")
+    # On short texts several single-byte code pages decode with equal "chaos"
+    # (cp1250 vs cp1252 differ in a few letters); among near-ties prefer the common ones.
+    least = min(m.chaos for m in matches)
+    near = [m for m in matches if m.chaos <= least + 0.01]
+    best = min(near, key=lambda m: _PREFERENCE.get(m.encoding, len(_PREFERENCE)))
     return str(best)
 
 

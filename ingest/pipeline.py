@@ -44,6 +44,21 @@ class VerifyReport:
         return not (self.missing_from_index or self.orphans_in_index or self.chunks_without_vector)
 
 
+def record_index_state(*, sessions: sessionmaker[Session], index: VectorIndex) -> None:
+    """Mirror the live index's embedder, dimension, version and size into the database."""
+    with sessions() as session, session.begin():
+        state = session.execute(
+            select(IndexState).where(IndexState.name == "main")
+        ).scalar_one_or_none()
+        if state is None:
+            state = IndexState(name="main", embedder=index.embedder, dimension=index.dim)
+            session.add(state)
+        state.embedder = index.embedder
+        state.dimension = index.dim
+        state.version = index.version
+        state.vector_count = len(index)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -173,17 +188,7 @@ class Pipeline:
         return True
 
     def _record_index_state(self) -> None:
-        with self.sessions() as session, session.begin():
-            state = session.execute(
-                select(IndexState).where(IndexState.name == "main")
-            ).scalar_one_or_none()
-            if state is None:
-                state = IndexState(name="main", embedder=self.embedder.name, dimension=0)
-                session.add(state)
-            state.embedder = self.index.embedder
-            state.dimension = self.index.dim
-            state.version = self.index.version
-            state.vector_count = len(self.index)
+        record_index_state(sessions=self.sessions, index=self.index)
 
     # -- consistency -----------------------------------------------------------------
     def verify(self) -> VerifyReport:

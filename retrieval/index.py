@@ -84,6 +84,9 @@ class VectorIndex:
         self._lock = threading.RLock()
         self._index = _new_faiss(dim, index_type, 0)
         self._sidecar_mtime = 0.0
+        # HNSW cannot remove vectors: removed ids are remembered and filtered from results
+        # until the next rebuild (`ragqa reindex`) compacts them away.
+        self._tombstones: set[int] = set()
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / SIDECAR_FILE).exists():
             self._load()
@@ -98,6 +101,13 @@ class VectorIndex:
             raw["embedder"], int(raw["dim"]), raw["index_type"], int(raw["version"]), raw["count"]
         )
 
+    def _read_tombstones(self) -> set[int]:
+        try:
+            raw = json.loads((self.folder / SIDECAR_FILE).read_text())
+        except (OSError, ValueError):
+            return set()
+        return {int(i) for i in raw.get("tombstones", [])}
+
     def _load(self) -> None:
         meta = self.read_meta()
         if meta is None:
@@ -110,6 +120,7 @@ class VectorIndex:
         index = faiss.read_index(str(self.folder / INDEX_FILE))
         with self._lock:
             self._index = index
+            self._tombstones = self._read_tombstones()
             self.version = meta.version
             self._sidecar_mtime = (self.folder / SIDECAR_FILE).stat().st_mtime
         logger.info("loaded index v%d with %d vectors", meta.version, index.ntotal)
@@ -140,7 +151,8 @@ class VectorIndex:
                 "dim": self.dim,
                 "index_type": self.index_type,
                 "version": self.version,
-                "count": int(self._index.ntotal),
+                "count": len(self),
+                "tombstones": sorted(self._tombstones),
                 "saved_at": time.time(),
             }
             _fsync_write(self.folder / SIDECAR_FILE, json.dumps(meta).encode())
@@ -160,12 +172,15 @@ class VectorIndex:
 
     # -- contents ------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self.ids())
 
     def ids(self) -> np.ndarray:
-        """All chunk ids in the index (int64 [n])."""
+        """All live chunk ids in the index (int64 [n])."""
         with self._lock:
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            ids = np.unique(faiss.vector_to_array(self._index.id_map).astype(np.int64))
+            if self._tombstones:
+                ids = ids[~np.isin(ids, list(self._tombstones))]
+            return ids
 
     def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Add or replace vectors: ids [n], vectors float32 [n, dim]."""
@@ -178,7 +193,10 @@ class VectorIndex:
             )
         id_array = np.asarray(ids, dtype=np.int64)
         with self._lock:
-            self._index.remove_ids(id_array)  # IDMap2 allows duplicates; keep ids unique
+            if self.index_type == "hnsw":
+                self._tombstones.difference_update(id_array.tolist())
+            else:
+                self._index.remove_ids(id_array)  # IDMap2 allows duplicates; keep ids unique
             if self.index_type == "ivf" and not self._index.is_trained:
                 self._index = _new_faiss(self.dim, "ivf", len(vectors))
                 self._index.train(vectors)
@@ -188,21 +206,44 @@ class VectorIndex:
         if len(ids) == 0:
             return 0
         with self._lock:
+            if self.index_type == "hnsw":
+                present = set(self.ids().tolist())
+                gone = present & {int(i) for i in ids}
+                self._tombstones |= gone
+                return len(gone)
             return int(self._index.remove_ids(np.asarray(ids, dtype=np.int64)))
 
     def reset(self, n_hint: int = 0) -> None:
         with self._lock:
             self._index = _new_faiss(self.dim, self.index_type, n_hint)
+            self._tombstones = set()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [q, dim] -> (scores [q, k], ids [q, k]); missing slots have id -1."""
         self.refresh()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with self._lock:
-            if self._index.ntotal == 0:
-                shape = (queries.shape[0], k)
-                return np.zeros(shape, np.float32), np.full(shape, -1, np.int64)
-            return self._index.search(queries, min(k, int(self._index.ntotal)))
+            shape = (queries.shape[0], k)
+            scores = np.zeros(shape, np.float32)
+            out = np.full(shape, -1, np.int64)
+            total = int(self._index.ntotal)
+            if total == 0:
+                return scores, out
+            fetch = min(total, k + len(self._tombstones))
+            raw_scores, raw_ids = self._index.search(queries, fetch)
+        for row in range(queries.shape[0]):
+            seen: set[int] = set()
+            col = 0
+            for score, chunk_id in zip(raw_scores[row], raw_ids[row], strict=True):
+                cid = int(chunk_id)
+                if cid < 0 or cid in seen or cid in self._tombstones:
+                    continue
+                seen.add(cid)
+                scores[row, col], out[row, col] = score, cid
+                col += 1
+                if col == k:
+                    break
+        return scores, out
 
     def describe(self) -> dict[str, object]:
         return {
@@ -211,4 +252,5 @@ class VectorIndex:
             "type": self.index_type,
             "version": self.version,
             "vectors": len(self),
+            "tombstones": len(self._tombstones),
         }
