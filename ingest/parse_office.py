@@ -67,6 +67,8 @@ def _docx_blocks(document: object) -> Iterator[object]:
 
     body = document.element.body  # type: ignore[attr-defined]
     for child in body.iterchildren():
+        if not isinstance(child.tag, str):  # comments and processing instructions
+            continue
         tag = child.tag.rsplit("}", 1)[-1]
         if tag == "p":
             yield Paragraph(child, document)
@@ -186,7 +188,7 @@ def parse_epub(data: bytes, info: DocInfo) -> Iterator[Block]:
 
 
 def parse_odt(data: bytes, info: DocInfo) -> Iterator[Block]:
-    from odf import teletype, text
+    from odf import teletype
     from odf.opendocument import load
 
     try:
@@ -195,12 +197,14 @@ def parse_odt(data: bytes, info: DocInfo) -> Iterator[Block]:
         raise ParseError(f"broken ODT: {exc}") from exc
     headings = HeadingTracker()
     for node in doc.text.childNodes:
-        yield from _odt_node(node, headings, info, teletype, text)
+        yield from _odt_node(node, headings, info, teletype)
 
 
-def _odt_node(node, headings, info, teletype, text) -> Iterator[Block]:  # type: ignore[no-untyped-def]
+def _odt_node(node, headings, info, teletype) -> Iterator[Block]:  # type: ignore[no-untyped-def]
+    from odf.namespaces import TEXTNS
+
     qname = getattr(node, "qname", None)
-    if qname == text.H().qname:
+    if qname == (TEXTNS, "h"):
         content = clean(teletype.extractText(node))
         if content:
             level = int(node.getAttribute("outlinelevel") or 1)
@@ -208,13 +212,13 @@ def _odt_node(node, headings, info, teletype, text) -> Iterator[Block]:  # type:
             if info.title is None:
                 info.title = content
             yield Block(content, heading_path=path, is_heading=True)
-    elif qname == text.P().qname:
+    elif qname == (TEXTNS, "p"):
         content = clean(teletype.extractText(node))
         if content:
             yield Block(content, heading_path=headings.path)
     else:
         for child in getattr(node, "childNodes", []):
-            yield from _odt_node(child, headings, info, teletype, text)
+            yield from _odt_node(child, headings, info, teletype)
 
 
 def parse_rtf(data: bytes, info: DocInfo) -> Iterator[Block]:

@@ -1,0 +1,240 @@
+"""The decode loop: load a causal LM, prefill a prompt once, then decode with the KV cache.
+
+`Engine.generate()` is the single-request loop in its textbook form; the scheduler
+(`scheduler.py`) runs the same `prefill()` and `decode_step()` over a batch of requests.
+KV caches cross function boundaries as lists of per-layer (keys, values) tensors,
+each [B, kv_heads, T, head_dim].
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from generation.device import choose_device, choose_dtype
+from generation.params import GenerationParams
+from generation.prefix_cache import PrefixCache
+from generation.sampling import sample
+from generation.stream import StreamDecoder
+
+logger = logging.getLogger(__name__)
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, T, D]
+
+
+@dataclass
+class LoadReport:
+    model: str
+    device: str
+    dtype: str
+    load_s: float
+    context_length: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    ttft_s: float
+    total_s: float
+
+
+def kv_from_cache(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, prefix_cache_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.context_length = int(
+            getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length
+        )
+        self.eos_ids = self._eos_ids()
+        self.prefix_cache = PrefixCache(max_entries=prefix_cache_size)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, device: str = "auto", dtype: str = "auto", name: str = ""
+    ) -> tuple[Engine, LoadReport]:
+        start = time.perf_counter()
+        dev = choose_device(device)
+        dt = choose_dtype(dev, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
+        model.to(dev).eval()
+        engine = cls(model, tokenizer, name=name or str(path))
+        report = LoadReport(
+            model=engine.name,
+            device=str(dev),
+            dtype=str(dt).removeprefix("torch."),
+            load_s=round(time.perf_counter() - start, 2),
+            context_length=engine.context_length,
+        )
+        logger.info(
+            "loaded generator %s on %s (%s) in %.1f s",
+            report.model,
+            report.device,
+            report.dtype,
+            report.load_s,
+        )
+        return engine, report
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return ids
+
+    # -- prompts -------------------------------------------------------------------------
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat rendered with the model's own template, ready for the reply."""
+        out = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(out["input_ids"])
+
+    # -- the two forward passes ------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """Run the prompt (after an optional cached prefix `past`) in one pass.
+
+        Returns logits of the last position [V] and the KV of the whole prompt.
+        """
+        start = past[0][0].shape[2] if past else 0
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
+        cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        out = self.model(
+            input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return out.logits[0, -1], kv_from_cache(out.past_key_values)
+
+    @torch.inference_mode()
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: KV
+    ) -> tuple[torch.Tensor, KV]:
+        """One token for every sequence in the batch.
+
+        tokens: [B] next input ids   positions: [B]   mask: [B, T+1] (0 = left padding)
+        kv: per layer [B, H, T, D]  ->  logits [B, V], kv per layer [B, H, T+1, D]
+        """
+        cache = DynamicCache(ddp_cache_data=kv)
+        out = self.model(
+            input_ids=tokens.unsqueeze(1),
+            position_ids=positions.unsqueeze(1),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1], kv_from_cache(out.past_key_values)
+
+    def prefill_with_prefix(
+        self, ids: Sequence[int], cache_prefix_len: int = 0
+    ) -> tuple[torch.Tensor, KV, int]:
+        """Prefill reusing the longest cached prefix; store this prompt's own prefix.
+
+        Returns (last logits [V], kv, tokens served from the prefix cache).
+        """
+        ids = list(ids)
+        hit = self.prefix_cache.lookup(ids)
+        reused = 0
+        past: KV | None = None
+        if hit is not None:
+            reused, past = hit
+            if reused >= len(ids):  # keep at least one token to compute logits from
+                reused = len(ids) - 1
+                past = [(k[:, :, :reused], v[:, :, :reused]) for k, v in past]
+            if reused == 0:
+                past = None
+        logits, kv = self.prefill(ids[reused:], past)
+        if cache_prefix_len and cache_prefix_len > reused and cache_prefix_len <= len(ids):
+            # Causal attention: the KV of the first n tokens does not depend on later ones.
+            prefix_kv = [
+                (k[:, :, :cache_prefix_len].clone(), v[:, :, :cache_prefix_len].clone())
+                for k, v in kv
+            ]
+            self.prefix_cache.store(ids[:cache_prefix_len], prefix_kv)
+        return logits, kv, reused
+
+    # -- the single-request loop -----------------------------------------------------------
+    def generate(
+        self, ids: Sequence[int], params: GenerationParams, *, use_cache: bool = True
+    ) -> GenerationResult:
+        """Greedy or sampled generation for one prompt: prefill once, then one token per step.
+
+        `use_cache=False` recomputes the whole sequence every step (the benchmark baseline).
+        """
+        ids = list(ids)
+        start = time.perf_counter()
+        generator = _generator(params, self.device)
+        decoder = StreamDecoder(self.tokenizer, params.stop)
+        seen = torch.tensor(ids, device=self.device)
+        logits, kv = self.prefill(ids)
+        token = sample(logits, params, seen, generator)
+        ttft = time.perf_counter() - start
+        generated: list[int] = []
+        finish = "length"
+        while True:
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            decoder.push(token)
+            if decoder.stopped:
+                finish = "stop"
+                break
+            if len(generated) >= params.max_new_tokens:
+                break
+            seen = torch.cat([seen, torch.tensor([token], device=self.device)])
+            if use_cache:
+                length = kv[0][0].shape[2]
+                mask = torch.ones(1, length + 1, dtype=torch.long, device=self.device)
+                step_logits, kv = self.decode_step(
+                    torch.tensor([token], device=self.device),
+                    torch.tensor([length], device=self.device),
+                    mask,
+                    kv,
+                )
+                logits = step_logits[0]
+            else:
+                logits, _ = self.prefill(ids + generated)
+            token = sample(logits, params, seen, generator)
+        decoder.flush()
+        return GenerationResult(
+            text=decoder.text,
+            token_ids=generated,
+            prompt_tokens=len(ids),
+            finish_reason=finish,
+            ttft_s=ttft,
+            total_s=time.perf_counter() - start,
+        )
+
+
+def _generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return generator
