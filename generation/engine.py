@@ -197,7 +197,7 @@ class Engine:
         generated: list[int] = []
         finish = "length"
         while True:
-            if token in self.eos_ids:
+            if token in self.eos_ids and not params.ignore_eos:
                 finish = "stop"
                 break
             generated.append(token)

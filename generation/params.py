@@ -23,6 +23,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past EOS (benchmarks want a fixed length)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 32768:

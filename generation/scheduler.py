@@ -188,7 +188,7 @@ class Scheduler:
         params = row.request.params
         finish = None
         delta = ""
-        if token in self.engine.eos_ids:
+        if token in self.engine.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             row.generated += 1

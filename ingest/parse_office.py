@@ -78,6 +78,7 @@ def _docx_blocks(document: object) -> Iterator[object]:
 
 def parse_docx(data: bytes, info: DocInfo) -> Iterator[Block]:
     import docx
+    from docx.oxml.ns import qn
     from docx.table import Table
 
     try:
@@ -89,10 +90,11 @@ def parse_docx(data: bytes, info: DocInfo) -> Iterator[Block]:
     headings = HeadingTracker()
     for item in _docx_blocks(document):
         if isinstance(item, Table):
-            for row in item.rows:
+            # Read cells from the XML: python-docx's grid view raises on irregular tables.
+            for tr in item._tbl.tr_lst:
                 cells = []
-                for cell in row.cells:
-                    text = clean(cell.text)
+                for tc in tr.tc_lst:
+                    text = clean("".join(t.text or "" for t in tc.iter(qn("w:t"))))
                     if text and (not cells or cells[-1] != text):  # merged cells repeat
                         cells.append(text)
                 if cells:

@@ -111,7 +111,14 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         info = DocInfo()
-        blocks = list(parse(data, kind, info))
+        try:
+            blocks = list(parse(data, kind, info))
+        except ParseError:
+            raise
+        except Exception as exc:
+            # A parser library failing on this file fails the same way on a retry.
+            logger.warning("parser error on document %s", document_id, exc_info=True)
+            raise ParseError(f"could not read this {kind.name.upper()} file: {exc}") from exc
         del data
         timings["parse_s"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()

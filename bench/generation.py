@@ -1,0 +1,206 @@
+"""Generation benchmark: our engine against `model.generate()` and itself, in one run. JSON out.
+
+Usage: python bench/generation.py --model PRESET_OR_PATH [--prompt-tokens 600] [--new-tokens 128]
+
+Measures, on a RAG-style prompt: TTFT and decode tok/s of the engine vs `generate()` (same
+model, dtype, greedy), vs no KV cache, aggregate decode tok/s at 1/2/4/8 concurrent
+requests, TTFT with a warm shared prefix vs cold, and peak RSS. Timings are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from generation.engine import Engine
+from generation.params import GenerationParams
+from generation.presets import GENERATOR_PRESETS
+from generation.provision import resolve_generator
+from generation.scheduler import Scheduler
+
+SYSTEM = (
+    "You answer questions using only the numbered passages below. Cite the passages you "
+    "use as [n]. If the passages do not contain the answer, say that you cannot answer."
+)
+TOPICS = [
+    "The river delta floods each spring, depositing silt that keeps the farmland fertile.",
+    "Copper wiring conducts electricity with little loss and resists corrosion for decades.",
+    "The observatory recorded a comet whose tail stretched across a tenth of the sky.",
+    "Bees communicate the direction of flowers through a waggle dance inside the hive.",
+    "The treaty set tariffs on grain and required both ports to publish their prices.",
+    "Glaciers carve U-shaped valleys and leave moraines of rock where they melt.",
+]
+
+
+def rag_messages(engine: Engine, prompt_tokens: int, question: str) -> list[dict[str, str]]:
+    """System + numbered passages grown until the chat prompt has about `prompt_tokens`."""
+    passages: list[str] = []
+    i = 0
+    while True:
+        body = "\n\n".join(f"[{n + 1}] {p}" for n, p in enumerate(passages))
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Passages:\n{body}\n\nQuestion: {question}"},
+        ]
+        if len(engine.chat_ids(messages)) >= prompt_tokens:
+            return messages
+        passages.append(" ".join(TOPICS[(i + j) % len(TOPICS)] for j in range(3)))
+        i += 1
+
+
+def hf_generate(engine: Engine, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+    """(ttft_s, total_s, tokens) of transformers' generate(), greedy, exactly n tokens."""
+    inputs = torch.tensor([ids], device=engine.device)
+    mask = torch.ones_like(inputs)
+    kw = {"do_sample": False, "attention_mask": mask, "pad_token_id": engine.tokenizer.eos_token_id}
+    start = time.perf_counter()
+    engine.model.generate(inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = engine.model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kw)
+    total = time.perf_counter() - start
+    return ttft, total, out[0][len(ids) :].tolist()
+
+
+async def concurrent(scheduler: Scheduler, prompts: list[list[int]], n: int) -> dict[str, float]:
+    params = GenerationParams(max_new_tokens=n, ignore_eos=True)
+    first: list[float] = []
+    start = time.perf_counter()
+
+    async def one(ids: list[int]) -> int:
+        tokens = 0
+        async for ev in scheduler.stream(ids, params):
+            if ev.done:
+                tokens = ev.completion_tokens
+                first.append(start + (ev.ttft_s or 0.0))
+        return tokens
+
+    counts = await asyncio.gather(*(one(ids) for ids in prompts))
+    end = time.perf_counter()
+    all_started = max(first)
+    decode_tokens = sum(c - 1 for c in counts)
+    return {
+        "decode_tok_s": decode_tokens / max(end - all_started, 1e-9),
+        "wall_tok_s": sum(counts) / (end - start),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--model-dir", type=Path, default=Path("~/.cache/ragqa/models"))
+    parser.add_argument("--prompt-tokens", type=int, default=600)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--no-cache-tokens", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    path = resolve_generator(args.model, args.model_dir.expanduser(), allow_hub=False)
+    engine, report = Engine.load(path, dtype=args.dtype, name=args.model)
+    n = args.new_tokens
+    messages = rag_messages(
+        engine, args.prompt_tokens, "Which passage explains how bees share directions?"
+    )
+    ids = engine.chat_ids(messages)
+    greedy = GenerationParams(max_new_tokens=n, ignore_eos=True)
+
+    engine.generate(ids[:64], GenerationParams(max_new_tokens=4))  # warm-up
+    ours, theirs = [], []
+    for _ in range(args.runs):
+        r = engine.generate(ids, greedy)
+        ours.append((r.ttft_s, (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids))
+        ttft, total, tokens = hf_generate(engine, ids, n)
+        theirs.append((ttft, (n - 1) / max(total - ttft, 1e-9), tokens))
+    engine_ttft = statistics.median(x[0] for x in ours)
+    engine_tps = statistics.median(x[1] for x in ours)
+    gen_ttft = statistics.median(x[0] for x in theirs)
+    gen_tps = statistics.median(x[1] for x in theirs)
+
+    nc = GenerationParams(max_new_tokens=args.no_cache_tokens, ignore_eos=True)
+    r = engine.generate(ids, nc, use_cache=False)
+    no_cache_tps = (len(r.token_ids) - 1) / (r.total_s - r.ttft_s)
+
+    scheduler = Scheduler(engine, max_batch=16)
+    scheduler.start()
+    aggregate: dict[str, float] = {}
+    aggregate_wall: dict[str, float] = {}
+    questions = [
+        "Which passage explains how bees share directions?",
+        "What does the treaty require of the ports?",
+        "How do glaciers shape valleys?",
+        "Why is copper used for wiring?",
+    ]
+    for level in [int(x) for x in args.concurrency.split(",")]:
+        prompts = [
+            engine.chat_ids(rag_messages(engine, args.prompt_tokens, questions[i % 4] + f" ({i})"))
+            for i in range(level)
+        ]
+        result = asyncio.run(concurrent(scheduler, prompts, n))
+        aggregate[str(level)] = round(result["decode_tok_s"], 2)
+        aggregate_wall[str(level)] = round(result["wall_tok_s"], 2)
+
+    # Warm vs cold prefix: the system prompt and passages are shared, the question differs.
+    q1 = engine.chat_ids(rag_messages(engine, args.prompt_tokens, "First question here?"))
+    q2 = engine.chat_ids(rag_messages(engine, args.prompt_tokens, "Another question?"))
+    shared = next(i for i, (a, b) in enumerate(zip(q1, q2, strict=False)) if a != b)
+    colds, warms = [], []
+    for _ in range(args.runs):
+        engine.prefix_cache = type(engine.prefix_cache)(max_entries=8)
+        start = time.perf_counter()
+        engine.prefill_with_prefix(q1, shared)
+        colds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _, _, reused = engine.prefill_with_prefix(q2, shared)
+        warms.append(time.perf_counter() - start)
+        assert reused == shared
+    scheduler.stop()
+
+    result = {
+        "model": args.model,
+        "device": report.device,
+        "dtype": report.dtype,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": len(ids),
+        "new_tokens": n,
+        "engine_ttft_s": round(engine_ttft, 3),
+        "engine_decode_tok_s": round(engine_tps, 2),
+        "generate_ttft_s": round(gen_ttft, 3),
+        "generate_decode_tok_s": round(gen_tps, 2),
+        "ratio_decode_vs_generate": round(engine_tps / gen_tps, 3),
+        "no_cache_decode_tok_s": round(no_cache_tps, 3),
+        "ratio_decode_vs_no_cache": round(engine_tps / no_cache_tps, 1),
+        "aggregate_tok_s": aggregate,
+        "aggregate_wall_tok_s": aggregate_wall,
+        "ratio_aggregate_4_vs_1": round(aggregate["4"] / aggregate["1"], 2)
+        if "4" in aggregate and "1" in aggregate
+        else None,
+        "shared_prefix_tokens": shared,
+        "ttft_cold_s": round(statistics.median(colds), 3),
+        "ttft_warm_prefix_s": round(statistics.median(warms), 3),
+        "ratio_warm_vs_cold_ttft": round(statistics.median(warms) / statistics.median(colds), 3),
+        "greedy_matches_generate": ours[0][2] == theirs[0][2],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "runs": args.runs,
+        "preset": args.model in GENERATOR_PRESETS,
+    }
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
