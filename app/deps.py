@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app.answer import Answerer
 from app.auth import check_admin, check_user
+from app.errors import ServiceUnavailable
 from app.services import Services
 from app.settings import Settings
 
@@ -41,3 +44,32 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+def get_answerer(services: Annotated[Services, Depends(get_services)]) -> Answerer:
+    """The answer pipeline; 503 with the reason while the generator or index is not ready."""
+    answerer = services.extras.get("answerer")
+    if answerer is not None:
+        return answerer
+    gen = services.generator_status.as_dict()
+    if gen["state"] != "ready":
+        reason = gen["detail"] or gen["state"]
+        raise ServiceUnavailable(f"generator {gen['name']!r} is not loaded: {reason}")
+    emb = services.embedder_status.as_dict()
+    if "retriever" not in services.extras:
+        raise ServiceUnavailable(f"search is not available: {emb['detail'] or emb['state']}")
+    with _answerer_lock:
+        if "answerer" not in services.extras:
+            settings = services.settings
+            services.extras["answerer"] = Answerer(
+                retriever=services.extras["retriever"],
+                engine=services.extras["engine"],
+                scheduler=services.extras["scheduler"],
+                refusal_threshold=settings.refusal_threshold,
+                max_context_tokens=settings.max_context_tokens,
+            )
+    return services.extras["answerer"]
+
+
+_answerer_lock = threading.Lock()
+AnswererDep = Annotated[Answerer, Depends(get_answerer)]

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from app.deps import require_user
 from app.errors import install_handlers
-from app.routes import documents, health
+from app.generator import start_generator, stop_generator
+from app.routes import ask, documents, health
 from app.services import ComponentStatus, Services
 from app.settings import Settings
 from app.upload_limit import UploadLimit
-from app.wiring import build_ingest, build_worker
+from app.wiring import build_ingest, build_retriever, build_worker
 from ingest.db import make_engine, make_session_factory, migrate
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def start_ingest(services: Services) -> None:
     services.extras.update(
         store=parts.store, embedder=parts.embedder, index=parts.index, pipeline=parts.pipeline
     )
+    services.extras["retriever"] = build_retriever(settings, services.sessions, parts)
     if settings.worker:
         worker = build_worker(settings, services.sessions, parts.pipeline)
         worker.start()
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = build_services(settings)
         app.state.services = services
         start_ingest(services)
+        start_generator(services)
         logger.info(
             "ragqa ready: database=%s data_dir=%s",
             services.engine.dialect.name,
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             stop_ingest(services)
+            stop_generator(services)
             services.engine.dispose()
 
     app: FastAPI = FastAPI(
@@ -92,5 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_user)])
     v1.include_router(documents.router)
     v1.include_router(documents.admin_router)
+    v1.include_router(ask.router)
     app.include_router(v1)
     return app

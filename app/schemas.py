@@ -128,3 +128,65 @@ class JobPublic(BaseModel):
 
 class ReindexRequest(BaseModel):
     reparse: bool = Field(False, description="Re-parse stored originals with the current parser.")
+
+
+class AskRequest(BaseModel):
+    question: str = Field(..., description="The question, in English or Chinese.")
+    collection: str | None = None
+    document_ids: list[int] | None = None
+    top_k: int | None = Field(None, ge=1, le=50)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    debug: bool = False
+
+
+class CitationPublic(BaseModel):
+    number: int
+    document_id: int
+    filename: str
+    title: str | None
+    page: int | None
+    heading_path: str | None
+    char_start: int
+    char_end: int
+    chunk_id: int
+    text: str
+    score: float
+    dense_score: float | None
+    inferred: bool
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AskResponse(BaseModel):
+    answer: str
+    refused: bool
+    refusal_reason: str | None = None
+    citations: list[CitationPublic]
+    usage: Usage
+    timings: dict[str, float]
+    retrieved: list[dict[str, Any]] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str = Field(..., pattern="^(system|user|assistant)$")
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    # ragqa extensions (the openai SDK sends them via extra_body)
+    collection: str | None = None
+    document_ids: list[int] | None = None
+    top_k: int | None = Field(None, ge=1, le=50)

@@ -76,6 +76,19 @@ class Settings(BaseSettings):
     worker: bool = Field(True, description="Run the ingestion worker inside `ragqa serve`.")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Tries before a job fails.")
     job_lease_s: float = Field(60.0, gt=0, description="Lease a worker holds on a job (s).")
+    top_k: int = Field(5, ge=1, le=50, description="Passages given to the generator.")
+    refusal_threshold: float = Field(
+        0.30, ge=-1.0, le=1.0, description="Refuse when the best cosine is below this."
+    )
+    max_question_chars: int = Field(2000, ge=10, le=100_000, description="Longest question.")
+    max_answer_tokens: int = Field(256, ge=16, le=4096, description="Default answer length.")
+    max_context_tokens: int = Field(
+        4096, ge=512, le=131_072, description="Prompt + answer token budget for the generator."
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="Requests decoded together.")
+    prefix_cache: int = Field(8, ge=0, le=1024, description="Cached prompt prefixes (LRU).")
+    reranker: str = Field("", description="Local cross-encoder folder; empty: no reranking.")
+    load_generator: bool = Field(True, description="Load the generator at start-up.")
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("api_keys")

@@ -21,6 +21,8 @@ from ingest.pipeline import Pipeline
 from ingest.store import BlobStore
 from ingest.worker import Worker
 from retrieval.index import VectorIndex
+from retrieval.rerank import CrossEncoderReranker
+from retrieval.retriever import Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -81,4 +83,13 @@ def build_worker(
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
         **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def build_retriever(
+    settings: Settings, sessions: sessionmaker[Session], parts: IngestParts
+) -> Retriever:
+    reranker = CrossEncoderReranker(Path(settings.reranker)) if settings.reranker else None
+    return Retriever(
+        sessions=sessions, embedder=parts.embedder, index=parts.index, reranker=reranker
     )

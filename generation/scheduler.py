@@ -102,11 +102,15 @@ class Scheduler:
         """Async text deltas; leaving the loop early cancels the request and frees its cache."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                request.cancelled.set()
+
         request = _Request(
-            ids=list(ids),
-            params=params,
-            cache_prefix_len=cache_prefix_len,
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            ids=list(ids), params=params, cache_prefix_len=cache_prefix_len, emit=emit
         )
         self._inbox.put(request)
         try:

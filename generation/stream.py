@@ -52,7 +52,11 @@ class StreamDecoder:
         return delta
 
     def flush(self) -> str:
-        """Everything not yet emitted (at the end of generation)."""
+        """Everything not yet emitted (at the end of generation).
+
+        A multi-byte character cut off by the token limit is dropped, not sent as U+FFFD.
+        """
+        self.text = self.text.rstrip("\ufffd")
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta

@@ -77,6 +77,14 @@ _PREFERENCE = {
         ]
     )
 }
+_IMAGES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 _HTML_RE = re.compile(rb"<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>]", re.IGNORECASE)
 _EML_HEADER_RE = re.compile(
     r"^(from|to|subject|date|received|return-path|message-id|mime-version|delivered-to)\s*:",
@@ -85,15 +93,19 @@ _EML_HEADER_RE = re.compile(
 _MD_RE = re.compile(r"^(#{1,6}\s+\S|```|\s*[-*+]\s+\S.*$|\[[^\]]+\]\([^)]+\))", re.MULTILINE)
 
 
-def decode_text(data: bytes) -> str:
-    """Decode bytes whose encoding is unknown (BOMs first, then charset detection)."""
+def decode_text(data: bytes, *, truncated: bool = False) -> str:
+    """Decode bytes whose encoding is unknown (BOMs first, then charset detection).
+
+    `truncated`: `data` is the head of a longer file and may end inside a character.
+    """
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             return data.decode(encoding, errors="replace").lstrip("\ufeff")
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as exc:
+        if truncated and exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
+            return data[: exc.start].decode("utf-8")
     matches = list(charset_normalizer.from_bytes(data))
     if not matches:
         raise UnsupportedType(f"binary data that is not a supported type ({supported_list()})")
@@ -166,9 +178,15 @@ def detect(data: bytes, filename: str = "") -> Kind:
         )
     if head.lstrip().startswith(b"{\\rtf"):
         return RTF
+    for magic, name in _IMAGES:
+        if head.startswith(magic):
+            raise UnsupportedType(
+                f"{name} image: ragqa reads text, not images (no OCR); upload a document with "
+                f"a text layer; supported: {supported_list()}"
+            )
     if _looks_binary(head):
         raise UnsupportedType(f"binary data that is not a supported type ({supported_list()})")
-    text_head = decode_text(head)[:4096]
+    text_head = decode_text(head, truncated=len(data) > len(head))[:4096]
     stripped = text_head.lstrip()
     if _HTML_RE.search(text_head.encode("utf-8", "replace")):
         return HTML

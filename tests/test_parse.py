@@ -99,3 +99,18 @@ def test_legacy_office_file_is_unsupported_with_advice():
 def test_random_binary_is_unsupported_and_lists_types():
     with pytest.raises(detect.UnsupportedType, match="PDF, DOCX"):
         detect.detect(bytes(range(256)) * 8, "blob.txt")
+
+
+def test_long_utf8_chinese_file_whose_head_ends_mid_character_is_text():
+    sentence = "分布式训练把一个模型的计算分到多台机器上。"
+    data = ("\n\n".join([sentence] * 400)).encode("utf-8")
+    assert len(data) > 8192
+    # make the 8192-byte head end inside a 3-byte character
+    shift = next(i for i in range(3) if (8192 - i) % 3 == 1)
+    data = b"a" * shift + data
+    assert detect.detect(data, "notes.txt") == detect.TEXT
+
+
+def test_image_is_unsupported_with_ocr_explanation():
+    with pytest.raises(detect.UnsupportedType, match="no OCR"):
+        detect.detect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "scan.png")
