@@ -70,19 +70,37 @@ def ingest_files(
     parts: IngestParts | None = None,
 ) -> list[FileOutcome]:
     """Queue every file, then work the queue in this process until all of them are done."""
+    items = (
+        (path, path.name, path.read_bytes(), {"source_path": str(path)})
+        for path in iter_files(paths)
+    )
+    return ingest_items(
+        settings, items, collection=collection, on_file=on_file, services=services, parts=parts
+    )
+
+
+def ingest_items(
+    settings: Settings,
+    items: Iterable[tuple[Path, str, bytes, dict]],
+    *,
+    collection: str = "default",
+    on_file: Callable[[FileOutcome], None] | None = None,
+    services: Services | None = None,
+    parts: IngestParts | None = None,
+) -> list[FileOutcome]:
+    """Queue (path, filename, bytes, metadata) items and process them in this process."""
     services = services or build_services(settings)
     parts = parts or build_ingest(settings, services.sessions)
     outcomes: dict[int, FileOutcome] = {}
     results: list[FileOutcome] = []
-    for path in iter_files(paths):
-        data = path.read_bytes()
+    for path, filename, data, metadata in items:
         outcome = FileOutcome(path=path, status="failed")
         try:
             if not data:
                 raise ValueError("empty file")
             if len(data) > settings.max_upload_bytes:
                 raise ValueError(f"larger than the limit of {settings.max_upload_bytes} bytes")
-            kind = detect.detect(data, path.name)
+            kind = detect.detect(data, filename)
         except (ValueError, detect.UnsupportedType) as exc:
             outcome.error = str(exc)
             results.append(outcome)
@@ -94,22 +112,21 @@ def ingest_files(
             doc, _job, duplicate = repo.create_document(
                 session=session,
                 collection=collection,
-                filename=path.name,
+                filename=filename,
                 sha256=sha,
                 mime=kind.mime,
                 size=len(data),
-                metadata={"source_path": str(path)},
+                metadata=metadata,
             )
             session.commit()
         outcome.document_id = doc.id
+        results.append(outcome)
         if duplicate:
             outcome.status = "duplicate"
-            results.append(outcome)
             if on_file:
                 on_file(outcome)
         else:
             outcomes[doc.id] = outcome
-            results.append(outcome)
 
     def done(job: IngestJob, status: str) -> None:
         outcome = outcomes.get(job.document_id or -1)
@@ -134,6 +151,7 @@ def ingest_files(
                 select(Document.id, Document.status).where(Document.id.in_(pending))
             ).all()
         pending = {doc_id for doc_id, status in rows if status not in ("ready", "failed")}
+    parts.index.flush()
     return results
 
 

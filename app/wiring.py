@@ -62,6 +62,9 @@ def build_ingest(
         embedder=embedder.name,
         dim=embedder.dim,
         index_type=settings.index_type,
+        # Saving rewrites the whole index file: a busy worker saves every few seconds
+        # (and when idle); the database keeps every vector, so nothing is lost in between.
+        save_interval_s=5.0,
     )
     chunker = Chunker(
         embedder.count_tokens,

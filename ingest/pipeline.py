@@ -100,6 +100,7 @@ class Pipeline:
                 raise ParseError(f"document {document_id} no longer exists")
             sha, mime = doc.sha256, doc.mime
             doc.status = DocumentStatus.PROCESSING
+            given_title = (doc.meta or {}).get("title")
             session.commit()
         kind = detect.BY_MIME.get(mime)
         if kind is None:
@@ -160,7 +161,7 @@ class Pipeline:
                 .values(
                     status=DocumentStatus.READY,
                     error=None,
-                    title=info.title or None,
+                    title=info.title or (str(given_title) if given_title else None),
                     page_count=info.page_count,
                     timings=timings,
                 )
@@ -222,7 +223,7 @@ class Pipeline:
         report = self.verify()
         if report.missing_from_index or report.orphans_in_index:
             vectors, ids = self._stored_vectors(report.missing_from_index)
-            with self.index.writing() as index:
+            with self.index.writing(force_save=True) as index:
                 index.remove(report.orphans_in_index)
                 index.add(ids, vectors)
             self._record_index_state()
@@ -263,7 +264,7 @@ class Pipeline:
         vectors, found = self._stored_vectors(ids)
         if progress:
             progress(len(found))
-        with self.index.writing() as index:
+        with self.index.writing(force_save=True) as index:
             index.reset(n_hint=len(found))
             index.add(found, vectors)
         self._record_index_state()

@@ -82,8 +82,13 @@ class Worker:
                 logger.exception("worker loop error")
                 worked = False
             if not worked:
+                try:
+                    self.pipeline.index.flush()  # idle: persist what a busy spell deferred
+                except Exception:
+                    logger.exception("index save failed")
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
+        self.pipeline.index.flush()
         logger.info("worker %s stopped", self.owner)
 
     # -- one job ---------------------------------------------------------------------

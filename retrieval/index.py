@@ -73,7 +73,15 @@ def _fsync_write(path: Path, data: bytes) -> None:
 class VectorIndex:
     """A thread-safe FAISS index in `folder`, reloaded when another process saved a newer one."""
 
-    def __init__(self, folder: Path, *, embedder: str, dim: int, index_type: str = "flat") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        embedder: str,
+        dim: int,
+        index_type: str = "flat",
+        save_interval_s: float = 0.0,
+    ) -> None:
         if index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
         self.folder = folder
@@ -87,6 +95,14 @@ class VectorIndex:
         # HNSW cannot remove vectors: removed ids are remembered and filtered from results
         # until the next rebuild (`ragqa reindex`) compacts them away.
         self._tombstones: set[int] = set()
+        # Changes since the last save. Saving rewrites the whole file, so a busy worker
+        # saves at most every `save_interval_s` and keeps the changes here meanwhile; if
+        # another process saved in between, its file is loaded and these are replayed.
+        # A crash loses only the journal, which `Pipeline.reconcile` restores from the
+        # vectors stored in the database.
+        self.save_interval_s = save_interval_s
+        self._journal: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+        self._last_save = 0.0
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / SIDECAR_FILE).exists():
             self._load()
@@ -157,18 +173,42 @@ class VectorIndex:
             }
             _fsync_write(self.folder / SIDECAR_FILE, json.dumps(meta).encode())
             self._sidecar_mtime = (self.folder / SIDECAR_FILE).stat().st_mtime
+            self._journal = []
+            self._last_save = time.monotonic()
 
     @contextmanager
-    def writing(self) -> Iterator[VectorIndex]:
-        """Exclusive write across processes: reload the newest, apply changes, save."""
+    def writing(self, *, force_save: bool = False) -> Iterator[VectorIndex]:
+        """Exclusive write across processes: reload the newest, apply changes, save when due."""
         with (self.folder / LOCK_FILE).open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.refresh()
+                self._sync_from_disk()
                 yield self
-                self.save()
+                due = time.monotonic() - self._last_save >= self.save_interval_s
+                if force_save or due:
+                    self.save()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _sync_from_disk(self) -> None:
+        journal = list(self._journal)
+        if self.refresh() and journal:
+            for op, ids, vectors in journal:
+                if op == "add":
+                    self._apply_add(ids, vectors)  # type: ignore[arg-type]
+                else:
+                    self._apply_remove(ids)
+            self._journal = journal
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._journal)
+
+    def flush(self) -> None:
+        """Save pending changes now (the worker calls this when the queue is idle)."""
+        if self._journal:
+            with self.writing(force_save=True):
+                pass
 
     # -- contents ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -193,6 +233,11 @@ class VectorIndex:
             )
         id_array = np.asarray(ids, dtype=np.int64)
         with self._lock:
+            self._apply_add(id_array, vectors)
+            self._journal.append(("add", id_array, vectors))
+
+    def _apply_add(self, id_array: np.ndarray, vectors: np.ndarray) -> None:
+        with self._lock:
             if self.index_type == "hnsw":
                 self._tombstones.difference_update(id_array.tolist())
             else:
@@ -205,18 +250,25 @@ class VectorIndex:
     def remove(self, ids: Sequence[int]) -> int:
         if len(ids) == 0:
             return 0
+        id_array = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            self._journal.append(("remove", id_array, None))
+            return self._apply_remove(id_array)
+
+    def _apply_remove(self, ids: np.ndarray) -> int:
         with self._lock:
             if self.index_type == "hnsw":
                 present = set(self.ids().tolist())
-                gone = present & {int(i) for i in ids}
+                gone = present & {int(i) for i in ids.tolist()}
                 self._tombstones |= gone
                 return len(gone)
-            return int(self._index.remove_ids(np.asarray(ids, dtype=np.int64)))
+            return int(self._index.remove_ids(ids))
 
     def reset(self, n_hint: int = 0) -> None:
         with self._lock:
             self._index = _new_faiss(self.dim, self.index_type, n_hint)
             self._tombstones = set()
+            self._journal = []
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [q, dim] -> (scores [q, k], ids [q, k]); missing slots have id -1."""

@@ -65,3 +65,24 @@ def test_wrong_vector_shape_names_expected_shape(tmp_path):
     index = VectorIndex(tmp_path, embedder="e", dim=8)
     with pytest.raises(ValueError, match=r"shape \(2, 8\)"):
         index.add([1, 2], np.zeros((2, 4), np.float32))
+
+
+def test_deferred_saves_replay_pending_changes_over_another_writers_save(tmp_path):
+    rng = np.random.default_rng(3)
+    a = VectorIndex(tmp_path, embedder="e", dim=8, save_interval_s=3600)
+    b = VectorIndex(tmp_path, embedder="e", dim=8)
+    with a.writing(force_save=True) as idx:
+        idx.add([1], _unit(rng, 1, 8))
+    with a.writing() as idx:  # not due: kept in the journal
+        idx.add([2], _unit(rng, 1, 8))
+    assert a.dirty
+    b.refresh()
+    with b.writing() as idx:  # another process saves meanwhile
+        idx.add([3], _unit(rng, 1, 8))
+    with a.writing() as idx:  # reloads b's file, replays its own pending add
+        idx.add([4], _unit(rng, 1, 8))
+    assert sorted(a.ids().tolist()) == [1, 2, 3, 4]
+    a.flush()
+    assert not a.dirty
+    b.refresh()
+    assert sorted(b.ids().tolist()) == [1, 2, 3, 4]
