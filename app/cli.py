@@ -99,10 +99,39 @@ def ingest(
 
 
 @cli.command()
-def ask(question: Annotated[str, typer.Argument(help="The question.")]) -> None:
-    """Ask a question over the ingested documents."""
-    _settings()
-    _not_yet("ask")
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: Annotated[str | None, typer.Option(help="Search only this collection.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Passages given to the generator.")] = None,
+) -> None:
+    """Answer a question from the ingested documents and list the sources."""
+    import asyncio
+
+    from app.answer import AskInput
+    from app.commands import build_answerer
+    from generation.params import GenerationParams
+
+    settings = _settings()
+    try:
+        answerer = build_answerer(settings)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    inp = AskInput(
+        question=question,
+        collection=collection,
+        top_k=top_k or settings.top_k,
+        params=GenerationParams(max_new_tokens=settings.max_answer_tokens),
+    )
+    out = asyncio.run(answerer.answer(inp))
+    typer.echo(out["answer"])
+    if out["citations"]:
+        typer.echo("\nSources:")
+        for c in out["citations"]:
+            page = f", page {c['page']}" if c["page"] is not None else ""
+            inferred = " (inferred)" if c["inferred"] else ""
+            typer.echo(f"  [{c['number']}] {c['filename']}{page}{inferred}")
+    answerer.scheduler.stop()
 
 
 @cli.command()

@@ -226,3 +226,23 @@ def reembed(
         index=VectorIndex(folder, embedder=embedder.name, dim=embedder.dim),
     )
     return len(ids), folder
+
+
+def build_answerer(settings: Settings):  # type: ignore[no-untyped-def]
+    """Everything `ragqa ask` needs, loaded in this process (generator included)."""
+    from app.answer import Answerer
+    from app.generator import load_generator
+    from app.wiring import build_retriever
+
+    services = build_services(settings)
+    parts = build_ingest(settings, services.sessions)
+    load_generator(services)
+    if services.generator_status.state != "ready":
+        raise RuntimeError(f"generator not loaded: {services.generator_status.detail}")
+    return Answerer(
+        retriever=build_retriever(settings, services.sessions, parts),
+        engine=services.extras["engine"],
+        scheduler=services.extras["scheduler"],
+        refusal_threshold=settings.refusal_threshold,
+        max_context_tokens=settings.max_context_tokens,
+    )

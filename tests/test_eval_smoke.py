@@ -1,0 +1,112 @@
+"""The evaluation scripts run end to end on a tiny dataset the test writes itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DOCS = [
+    ("d1", "Volcanoes", "Magma rises through the crust and erupts from volcanoes as lava."),
+    ("d2", "Bees", "Honey bees tell each other where flowers are with a waggle dance."),
+    ("d3", "Copper", "Copper wire conducts electricity well and resists corrosion."),
+    ("d4", "Glaciers", "Glaciers carve U-shaped valleys and leave moraines behind."),
+]
+
+
+def _run(script: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQA_")}
+    env["RAGQA_MODEL_DIR"] = str(MODEL_DIR)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_eval_retrieval_reports_every_mode_on_a_tiny_beir_folder(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    with (tmp_path / "corpus.jsonl").open("w") as fh:
+        for did, title, text in DOCS:
+            fh.write(json.dumps({"_id": did, "title": title, "text": text}) + "\n")
+    queries = {"q1": "How do bees show where flowers are?", "q2": "What carves U-shaped valleys?"}
+    with (tmp_path / "queries.jsonl").open("w") as fh:
+        for qid, text in queries.items():
+            fh.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (tmp_path / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td2\t1\nq2\td4\t1\n"
+    )
+    result = _run("eval_retrieval.py", str(tmp_path), "--data-dir", str(tmp_path / "data"))
+    assert result["queries"] == 2 and result["corpus_size"] == 4
+    for mode in ("dense", "lexical", "hybrid"):
+        keys = {"ndcg@10", "recall@10", "recall@100", "mrr@10", "latency_p50_ms", "latency_p95_ms"}
+        assert keys <= result[mode].keys()
+    assert result["hybrid"]["mrr@10"] == 1.0
+
+
+@pytest.mark.slow
+def test_eval_qa_scores_answers_and_refusals_on_a_tiny_dataset(tmp_path):
+    with (tmp_path / "docs.jsonl").open("w") as fh:
+        for did, title, text in DOCS:
+            fh.write(json.dumps({"doc_id": did, "title": title, "text": text}) + "\n")
+    questions = [
+        {
+            "id": "a1",
+            "question": "What do honey bees use to show where flowers are?",
+            "answers": ["waggle dance"],
+            "gold_doc_ids": ["d2"],
+            "lang": "en",
+            "answer_match": "any",
+        },
+        {
+            "id": "u1",
+            "question": "Who painted the Mona Lisa in Florence?",
+            "answers": [],
+            "gold_doc_ids": [],
+            "lang": "en",
+            "answer_match": "any",
+        },
+    ]
+    with (tmp_path / "questions.jsonl").open("w") as fh:
+        for q in questions:
+            fh.write(json.dumps(q) + "\n")
+    result = _run(
+        "eval_qa.py",
+        str(tmp_path),
+        "--generator",
+        "smollm2-135m-instruct",
+        "--max-tokens",
+        "24",
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
+    for key in (
+        "questions",
+        "answerable",
+        "unanswerable",
+        "answer_accuracy",
+        "refusal_rate_unanswerable",
+        "false_refusal_rate",
+        "citation_precision",
+        "gold_doc_recall@5",
+        "ttft_p50_s",
+        "total_p95_s",
+        "generator",
+        "per_question",
+    ):
+        assert key in result, key
+    assert result["questions"] == 2 and result["answerable"] == 1
+    assert result["gold_doc_recall@5"] == 1.0
+    assert result["refusal_rate_unanswerable"] == 1.0  # nothing about painters in the docs
+    assert {p["id"] for p in result["per_question"]} == {"a1", "u1"}
