@@ -63,6 +63,9 @@ class Engine:
             getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length
         )
         self.eos_ids = self._eos_ids()
+        # With ignore_eos the end tokens are masked out (as transformers' min_new_tokens
+        # does) rather than emitted: text after an end token is not text.
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), device=self.device)
         self.prefix_cache = PrefixCache(max_entries=prefix_cache_size)
 
     @classmethod
@@ -126,8 +129,18 @@ class Engine:
         input_ids = torch.tensor([list(ids)], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        # An explicit all-ones mask selects the same attention kernel as transformers'
+        # generate(), so greedy outputs agree bit for bit in bf16 too.
+        mask = torch.ones(1, start + len(ids), dtype=torch.long, device=self.device)
         out = self.model(
-            input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            # Only the last position's logits are needed: the vocabulary projection of a
+            # 600-token prompt would otherwise cost more than a third of the prefill.
+            logits_to_keep=1,
         )
         return out.logits[0, -1], kv_from_cache(out.past_key_values)
 
@@ -191,8 +204,9 @@ class Engine:
         generator = _generator(params, self.device)
         decoder = StreamDecoder(self.tokenizer, params.stop)
         seen = torch.tensor(ids, device=self.device)
+        suppress = self.eos_tensor if params.ignore_eos else None
         logits, kv = self.prefill(ids)
-        token = sample(logits, params, seen, generator)
+        token = sample(logits, params, seen, generator, suppress)
         ttft = time.perf_counter() - start
         generated: list[int] = []
         finish = "length"
@@ -220,7 +234,7 @@ class Engine:
                 logits = step_logits[0]
             else:
                 logits, _ = self.prefill(ids + generated)
-            token = sample(logits, params, seen, generator)
+            token = sample(logits, params, seen, generator, suppress)
         decoder.flush()
         return GenerationResult(
             text=decoder.text,

@@ -45,9 +45,12 @@ def sample(
     params: GenerationParams,
     seen: torch.Tensor,
     generator: torch.Generator | None,
+    suppress: torch.Tensor | None = None,
 ) -> int:
-    """logits [V] (any float dtype) -> the next token id."""
+    """logits [V] (any float dtype) -> the next token id; `suppress` ids are never chosen."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if suppress is not None:
+        logits = logits.index_fill(0, suppress, float("-inf"))
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

@@ -174,7 +174,8 @@ class Scheduler:
         logits, kv, cached = engine.prefill_with_prefix(request.ids, request.cache_prefix_len)
         generator = _generator(request.params, engine.device)
         seen = torch.tensor(request.ids, device=engine.device)
-        token = sample(logits, request.params, seen, generator)
+        suppress = engine.eos_tensor if request.params.ignore_eos else None
+        token = sample(logits, request.params, seen, generator, suppress)
         row = _Seq(
             request=request,
             decoder=StreamDecoder(engine.tokenizer, request.params.stop),
@@ -273,7 +274,8 @@ class Scheduler:
         keep = []
         for i, row in enumerate(self._rows):
             seen = torch.tensor(row.seen, device=device)
-            token = sample(logits[i], row.request.params, seen, row.generator)
+            suppress = self.engine.eos_tensor if row.request.params.ignore_eos else None
+            token = sample(logits[i], row.request.params, seen, row.generator, suppress)
             if self._accept(row, token) and not row.request.cancelled.is_set():
                 keep.append(i)
         self._keep(keep)
