@@ -6,7 +6,7 @@ import logging
 import threading
 
 from app.services import Services
-from generation.engine import Engine
+from generation.engine import Engine, LoadReport
 from generation.provision import resolve_generator
 from generation.scheduler import Scheduler
 
@@ -14,11 +14,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_generator(services: Services) -> None:
-    """Provision (if needed) and load the generator, recording progress in its status."""
+    """Provision (if needed) and load the generator on its own model thread; wait for it."""
     settings = services.settings
     status = services.generator_status
     status.set("loading", f"loading {settings.generator}")
-    try:
+    reports: list[LoadReport] = []
+
+    def loader() -> Engine:
         path = resolve_generator(
             settings.generator, settings.resolved_model_dir, allow_hub=settings.hub_models
         )
@@ -26,20 +28,24 @@ def load_generator(services: Services) -> None:
             path, device=settings.device, dtype=settings.dtype, name=settings.generator
         )
         engine.prefix_cache.max_entries = settings.prefix_cache
-        scheduler = Scheduler(engine, max_batch=settings.max_batch)
-        scheduler.start()
-    except Exception as exc:  # missing package, corrupt folder, out of memory: report it
-        logger.exception("generator %s failed to load", settings.generator)
+        engine.warm_up()
+        reports.append(report)
+        return engine
+
+    scheduler = Scheduler(max_batch=settings.max_batch)
+    scheduler.start(loader)
+    scheduler.ready.wait()
+    if scheduler.load_error is not None:
+        exc = scheduler.load_error
+        logger.error("generator %s failed to load: %s", settings.generator, exc)
         status.set("error", str(exc))
         return
-    services.extras["engine"] = engine
+    report = reports[0]
+    services.extras["engine"] = scheduler.engine
     services.extras["scheduler"] = scheduler
     status.set(
         "ready", f"{report.model} on {report.device} ({report.dtype}), loaded in {report.load_s}s"
     )
-    on_ready = services.extras.get("on_generator_ready")
-    if on_ready is not None:
-        on_ready()
 
 
 def start_generator(services: Services, *, background: bool = True) -> None:

@@ -59,6 +59,12 @@ def rag_messages(engine: Engine, prompt_tokens: int, question: str) -> list[dict
         i += 1
 
 
+def timed(fn, *args):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
 def hf_generate(engine: Engine, ids: list[int], n: int) -> tuple[float, float, list[int]]:
     """(ttft_s, total_s, tokens) of transformers' generate(), greedy, exactly n tokens."""
     inputs = torch.tensor([ids], device=engine.device)
@@ -111,7 +117,22 @@ def main() -> None:
     torch.manual_seed(0)
 
     path = resolve_generator(args.model, args.model_dir.expanduser(), allow_hub=False)
-    engine, report = Engine.load(path, dtype=args.dtype, name=args.model)
+    reports = []
+
+    def loader() -> Engine:
+        engine, report = Engine.load(path, dtype=args.dtype, name=args.model)
+        reports.append(report)
+        return engine
+
+    # Every measurement runs on the scheduler's model thread (as in the server), so the
+    # engine, generate() and the batched runs share one OpenMP thread pool.
+    scheduler = Scheduler(max_batch=16)
+    scheduler.start(loader)
+    scheduler.ready.wait()
+    if scheduler.load_error is not None:
+        raise SystemExit(f"could not load {args.model}: {scheduler.load_error}")
+    engine, report = scheduler.engine, reports[0]
+    on_model = scheduler.call
     n = args.new_tokens
     messages = rag_messages(
         engine, args.prompt_tokens, "Which passage explains how bees share directions?"
@@ -119,12 +140,12 @@ def main() -> None:
     ids = engine.chat_ids(messages)
     greedy = GenerationParams(max_new_tokens=n, ignore_eos=True)
 
-    engine.generate(ids[:64], GenerationParams(max_new_tokens=4))  # warm-up
+    on_model(lambda: engine.generate(ids[:64], GenerationParams(max_new_tokens=4)))  # warm-up
     ours, theirs = [], []
     for _ in range(args.runs):
-        r = engine.generate(ids, greedy)
+        r = on_model(lambda: engine.generate(ids, greedy))
         ours.append((r.ttft_s, (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids))
-        ttft, total, tokens = hf_generate(engine, ids, n)
+        ttft, total, tokens = on_model(lambda: hf_generate(engine, ids, n))
         theirs.append((ttft, (n - 1) / max(total - ttft, 1e-9), tokens))
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
@@ -132,11 +153,9 @@ def main() -> None:
     gen_tps = statistics.median(x[1] for x in theirs)
 
     nc = GenerationParams(max_new_tokens=args.no_cache_tokens, ignore_eos=True)
-    r = engine.generate(ids, nc, use_cache=False)
+    r = on_model(lambda: engine.generate(ids, nc, use_cache=False))
     no_cache_tps = (len(r.token_ids) - 1) / (r.total_s - r.ttft_s)
 
-    scheduler = Scheduler(engine, max_batch=16)
-    scheduler.start()
     aggregate: dict[str, float] = {}
     aggregate_wall: dict[str, float] = {}
     questions = [
@@ -161,12 +180,9 @@ def main() -> None:
     colds, warms = [], []
     for _ in range(args.runs):
         engine.prefix_cache = type(engine.prefix_cache)(max_entries=8)
-        start = time.perf_counter()
-        engine.prefill_with_prefix(q1, shared)
-        colds.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        _, _, reused = engine.prefill_with_prefix(q2, shared)
-        warms.append(time.perf_counter() - start)
+        colds.append(on_model(lambda: timed(engine.prefill_with_prefix, q1, shared))[0])
+        elapsed, (_, _, reused) = on_model(lambda: timed(engine.prefill_with_prefix, q2, shared))
+        warms.append(elapsed)
         assert reused == shared
     scheduler.stop()
 

@@ -95,6 +95,10 @@ class Engine:
         )
         return engine, report
 
+    def warm_up(self) -> None:
+        """One tiny generation so the first request does not pay one-time setup costs."""
+        self.generate([self.tokenizer.eos_token_id or 0] * 8, GenerationParams(max_new_tokens=2))
+
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         configured = getattr(self.model.generation_config, "eos_token_id", None)
