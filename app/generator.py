@@ -25,7 +25,12 @@ def load_generator(services: Services) -> None:
             settings.generator, settings.resolved_model_dir, allow_hub=settings.hub_models
         )
         engine, report = Engine.load(
-            path, device=settings.device, dtype=settings.dtype, name=settings.generator
+            path,
+            device=settings.device,
+            dtype=settings.dtype,
+            name=settings.generator,
+            quantization=settings.quantization,
+            group_size=settings.quant_group_size,
         )
         engine.prefix_cache.max_entries = settings.prefix_cache
         engine.warm_up()

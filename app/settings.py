@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Generator dtype; auto picks bf16 where it is fast."
     )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="Weight-only quantization of the generator on CPU."
+    )
+    quant_group_size: int = Field(64, ge=16, le=1024, description="int4 group size.")
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API binds to.")
     max_upload_mb: int = Field(100, ge=1, le=100_000, description="Largest upload accepted (MB).")

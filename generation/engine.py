@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from generation.device import choose_device, choose_dtype
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
+from generation.quant import cache_path, quantize_model
 from generation.sampling import sample
 from generation.stream import StreamDecoder
 
@@ -36,6 +37,7 @@ class LoadReport:
     dtype: str
     load_s: float
     context_length: int
+    quantization: str = "none"
 
 
 @dataclass
@@ -70,7 +72,14 @@ class Engine:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str = "auto", dtype: str = "auto", name: str = ""
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        name: str = "",
+        quantization: str = "none",
+        group_size: int = 64,
     ) -> tuple[Engine, LoadReport]:
         start = time.perf_counter()
         dev = choose_device(device)
@@ -78,6 +87,17 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
         model.to(dev).eval()
+        if quantization != "none":
+            if dev.type != "cpu":
+                # The packed kernels are CPU kernels; on a GPU bf16 is the fast path.
+                logger.warning(
+                    "quantization %s is CPU-only; keeping %s on %s", quantization, dt, dev
+                )
+                quantization = "none"
+            else:
+                folder = Path(path)
+                cache = cache_path(folder, quantization, group_size) if folder.is_dir() else None
+                quantize_model(model, quantization, group_size=group_size, cache=cache)
         engine = cls(model, tokenizer, name=name or str(path))
         report = LoadReport(
             model=engine.name,
@@ -85,12 +105,14 @@ class Engine:
             dtype=str(dt).removeprefix("torch."),
             load_s=round(time.perf_counter() - start, 2),
             context_length=engine.context_length,
+            quantization=quantization,
         )
         logger.info(
-            "loaded generator %s on %s (%s) in %.1f s",
+            "loaded generator %s on %s (%s, quantization %s) in %.1f s",
             report.model,
             report.device,
             report.dtype,
+            report.quantization,
             report.load_s,
         )
         return engine, report
