@@ -102,6 +102,43 @@ async def concurrent(scheduler: Scheduler, prompts: list[list[int]], n: int) -> 
     }
 
 
+def compare_llama_cpp(args: argparse.Namespace, ids: list[int], n: int) -> dict[str, object]:
+    """The same GGUF and prompt tokens through llama.cpp with the same thread count."""
+    try:
+        from llama_cpp import Llama  # a benchmark baseline only, never a runtime dependency
+    except ImportError:
+        logging.warning(
+            "llama_cpp is not importable: 'pip install llama-cpp-python' builds it from "
+            "source (~10 minutes on 2 cores); skipping the llama.cpp comparison"
+        )
+        return {"llama_cpp": "not installed"}
+    gguf = args.model_dir.expanduser() / args.model / "model.gguf"
+    if not gguf.exists():
+        return {"llama_cpp": f"no GGUF at {gguf}"}
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+    ttfts, rates = [], []
+    for _ in range(args.runs):
+        llm.reset()
+        start = time.perf_counter()
+        first = None
+        count = 0
+        for _tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            count += 1
+            if first is None:
+                first = time.perf_counter() - start
+            if count >= n:
+                break
+        total = time.perf_counter() - start
+        ttfts.append(first or total)
+        rates.append((count - 1) / max(total - (first or 0), 1e-9))
+    return {
+        "llama_cpp_threads": threads,
+        "llama_cpp_ttft_s": round(statistics.median(ttfts), 3),
+        "llama_cpp_decode_tok_s": round(statistics.median(rates), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -112,6 +149,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument(
+        "--compare-llama-cpp", action="store_true", help="Also run the GGUF through llama.cpp."
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -120,7 +162,13 @@ def main() -> None:
     reports = []
 
     def loader() -> Engine:
-        engine, report = Engine.load(path, dtype=args.dtype, name=args.model)
+        engine, report = Engine.load(
+            path,
+            dtype=args.dtype,
+            name=args.model,
+            quantization=args.quant,
+            group_size=args.group_size,
+        )
         reports.append(report)
         return engine
 
@@ -186,8 +234,10 @@ def main() -> None:
         assert reused == shared
     scheduler.stop()
 
+    llama = compare_llama_cpp(args, ids, n) if args.compare_llama_cpp else {}
     result = {
         "model": args.model,
+        "quantization": report.quantization,
         "device": report.device,
         "dtype": report.dtype,
         "threads": torch.get_num_threads(),
@@ -211,6 +261,15 @@ def main() -> None:
         "ratio_warm_vs_cold_ttft": round(statistics.median(warms) / statistics.median(colds), 3),
         "greedy_matches_generate": ours[0][2] == theirs[0][2],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **llama,
+        **(
+            {
+                "ratio_decode_vs_llama_cpp": round(engine_tps / llama["llama_cpp_decode_tok_s"], 3),
+                "ratio_ttft_vs_llama_cpp": round(engine_ttft / llama["llama_cpp_ttft_s"], 3),
+            }
+            if llama.get("llama_cpp_decode_tok_s")
+            else {}
+        ),
         "runs": args.runs,
         "preset": args.model in GENERATOR_PRESETS,
     }
