@@ -129,6 +129,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
+    parser.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="Only measure gold-document recall@k (no generator is loaded).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -146,6 +151,29 @@ def main() -> None:
     top_k = settings.top_k
     source_of: dict[int, str] = {}
     answerer = None
+    if args.retrieval_only:
+        services, parts, source_of = ingest_docs(settings, docs)
+        retriever = build_retriever(settings, services.sessions, parts)
+        hits, latencies = [], []
+        for q in questions:
+            start = time.perf_counter()
+            found = retriever.search(q["question"], top_k=top_k)
+            latencies.append(time.perf_counter() - start)
+            got = [source_of.get(p.document_id) for p in found.passages]
+            if q.get("gold_doc_ids"):
+                hits.append(bool(set(q["gold_doc_ids"]) & set(got)))
+        out = {
+            "dataset": args.dir.name,
+            "embedder": settings.embedder,
+            "questions": len(questions),
+            f"gold_doc_recall@{top_k}": round(sum(hits) / len(hits), 4) if hits else None,
+            "retrieval_p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+            "retrieval_p95_ms": round(percentile(latencies, 0.95) * 1000, 2),
+            "limit": args.limit,
+            "seed": args.seed,
+        }
+        sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        return
     if args.url is None:
         services, parts, source_of = ingest_docs(settings, docs)
         load_generator(services)
