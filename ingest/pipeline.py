@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import detect
+from ingest import detect, repo
 from ingest.chunk import Chunker
 from ingest.embed import Embedder
 from ingest.parse import DocInfo, ParseError, parse
@@ -235,19 +235,8 @@ class Pipeline:
         return report
 
     def _stored_vectors(self, ids: list[int]) -> tuple[np.ndarray, list[int]]:
-        found: list[int] = []
-        vecs: list[np.ndarray] = []
         with self.sessions() as session:
-            for start in range(0, len(ids), 500):
-                rows = session.execute(
-                    select(Chunk.id, Chunk.embedding).where(Chunk.id.in_(ids[start : start + 500]))
-                ).all()
-                for chunk_id, blob in rows:
-                    if blob is None or len(blob) != 4 * self.index.dim:
-                        continue
-                    found.append(chunk_id)
-                    vecs.append(np.frombuffer(blob, dtype=np.float32))
-        matrix = np.stack(vecs) if vecs else np.zeros((0, self.index.dim), np.float32)
+            found, matrix = repo.stored_vectors(session=session, ids=ids, dim=self.index.dim)
         return matrix, found
 
     def rebuild_index(self, progress: Progress | None = None) -> int:

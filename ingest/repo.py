@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -135,3 +136,25 @@ def collection_exists(*, session: Session, collection: str) -> bool:
         ).first()
         is not None
     )
+
+
+def stored_vectors(
+    *, session: Session, ids: Sequence[int], dim: int
+) -> tuple[list[int], np.ndarray]:
+    """The vectors stored with these chunks: (ids found, float32 [n, dim]).
+
+    Chunks without a vector of this dimension (another embedder's) are skipped.
+    """
+    found: list[int] = []
+    vecs: list[np.ndarray] = []
+    ids = list(ids)
+    for start in range(0, len(ids), 1000):
+        rows = session.execute(
+            select(Chunk.id, Chunk.embedding).where(Chunk.id.in_(ids[start : start + 1000]))
+        ).all()
+        for chunk_id, blob in rows:
+            if blob is not None and len(blob) == 4 * dim:
+                found.append(chunk_id)
+                vecs.append(np.frombuffer(blob, dtype=np.float32))
+    matrix = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
+    return found, matrix

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest.repo import stored_vectors
 from ingest.schema import Chunk, Document, DocumentStatus
 from retrieval.fuse import rrf
 from retrieval.index import VectorIndex
@@ -119,18 +120,8 @@ class Retriever:
         return out
 
     def _stored_vectors(self, ids: list[int]) -> tuple[list[int], np.ndarray]:
-        found, vecs = [], []
         with self.sessions() as session:
-            for start in range(0, len(ids), 1000):
-                rows = session.execute(
-                    select(Chunk.id, Chunk.embedding).where(Chunk.id.in_(ids[start : start + 1000]))
-                ).all()
-                for chunk_id, blob in rows:
-                    if blob is not None and len(blob) == 4 * self.index.dim:
-                        found.append(chunk_id)
-                        vecs.append(np.frombuffer(blob, dtype=np.float32))
-        matrix = np.stack(vecs) if vecs else np.zeros((0, self.index.dim), np.float32)
-        return found, matrix
+            return stored_vectors(session=session, ids=ids, dim=self.index.dim)
 
     def search(
         self,
