@@ -20,7 +20,13 @@ from app.citations import Citation, MarkerFilter, cite, looks_like_refusal
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.scheduler import Scheduler
-from retrieval.prompt import REFUSAL, build_prompt, condense_messages, language_of
+from retrieval.prompt import (
+    REFUSAL,
+    build_prompt,
+    check_messages,
+    condense_messages,
+    language_of,
+)
 from retrieval.retriever import Passage, RetrievalResult, Retriever
 
 logger = logging.getLogger(__name__)
@@ -89,12 +95,14 @@ class Answerer:
         engine: Engine,
         scheduler: Scheduler,
         refusal_threshold: float,
+        answerable_threshold: float = 0.5,
         max_context_tokens: int = 4096,
     ) -> None:
         self.retriever = retriever
         self.engine = engine
         self.scheduler = scheduler
         self.refusal_threshold = refusal_threshold
+        self.answerable_threshold = answerable_threshold
         self.max_context_tokens = max_context_tokens
         self._prefix_len: dict[str, int] = {}
 
@@ -176,6 +184,29 @@ class Answerer:
         )
         ids = self.engine.chat_ids(prompt.messages)
         prefix = self._cache_prefix(ids, prompt.messages[0]["content"], lang)
+        if self.answerable_threshold > 0:
+            # Small models answer questions the passages do not answer. Asking the model a
+            # yes/no question first costs one prefill, and its KV state (everything up to
+            # the question) is reused by the answer, so the answer's prefill is nearly free.
+            check_ids = self.engine.chat_ids(check_messages(prompt))
+            common = next(
+                (i for i, (a, b) in enumerate(zip(ids, check_ids, strict=False)) if a != b),
+                min(len(ids), len(check_ids)),
+            )
+            p_yes = await run_in_threadpool(
+                self.scheduler.call,
+                lambda: self.engine.choice_probability(
+                    check_ids, ["Yes", "yes"], ["No", "no"], cache_prefix_len=common
+                ),
+            )
+            if inp.debug:
+                debug["answerable_p"] = round(p_yes, 4)
+            if p_yes < self.answerable_threshold:
+                async for ev in self._refuse(
+                    lang, t0, timings, debug, len(check_ids), 0, "not_answerable"
+                ):
+                    yield ev
+                return
         markers = MarkerFilter(len(prompt.passages))
         held = ""
         released = False

@@ -244,5 +244,6 @@ def build_answerer(settings: Settings):  # type: ignore[no-untyped-def]
         engine=services.extras["engine"],
         scheduler=services.extras["scheduler"],
         refusal_threshold=settings.refusal_threshold,
+        answerable_threshold=settings.answerable_threshold,
         max_context_tokens=settings.max_context_tokens,
     )

@@ -66,6 +66,7 @@ def get_answerer(services: Annotated[Services, Depends(get_services)]) -> Answer
                 engine=services.extras["engine"],
                 scheduler=services.extras["scheduler"],
                 refusal_threshold=settings.refusal_threshold,
+                answerable_threshold=settings.answerable_threshold,
                 max_context_tokens=settings.max_context_tokens,
             )
     return services.extras["answerer"]

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     refusal_threshold: float = Field(
         0.30, ge=-1.0, le=1.0, description="Refuse when the best cosine is below this."
     )
+    answerable_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Refuse when the model's P(passages answer it) is below this; 0 = off.",
+    )
     max_question_chars: int = Field(2000, ge=10, le=100_000, description="Longest question.")
     max_answer_tokens: int = Field(256, ge=16, le=4096, description="Default answer length.")
     max_context_tokens: int = Field(

@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
+    parser.add_argument("--answerable-threshold", type=float, default=None)
     parser.add_argument(
         "--retrieval-only",
         action="store_true",
@@ -143,7 +144,8 @@ def main() -> None:
         "data_dir": args.data_dir or Path(tempfile.mkdtemp(prefix="ragqa-eval-qa-")),
         "max_upload_mb": 1000,
     }
-    for key in ("generator", "embedder", "refusal_threshold", "top_k"):
+    parser_keys = ("generator", "embedder", "refusal_threshold", "top_k", "answerable_threshold")
+    for key in parser_keys:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -184,6 +186,7 @@ def main() -> None:
             engine=services.extras["engine"],
             scheduler=services.extras["scheduler"],
             refusal_threshold=settings.refusal_threshold,
+            answerable_threshold=settings.answerable_threshold,
             max_context_tokens=settings.max_context_tokens,
         )
     per_question = []
@@ -219,6 +222,7 @@ def main() -> None:
                 "citations": cited,
                 "gold_in_top_k": bool(gold_docs & set(retrieved[:top_k])) if gold_docs else None,
                 "max_dense": out.get("max_dense"),
+                "answerable_p": out.get("answerable_p"),
                 "ttft_s": out["timings"].get("ttft_ms", 0) / 1000,
                 "total_s": out["timings"].get("total_ms", 0) / 1000,
             }
@@ -254,6 +258,7 @@ def main() -> None:
         "total_p95_s": round(percentile([p["total_s"] for p in per_question], 0.95), 3),
         "top_k": top_k,
         "refusal_threshold": settings.refusal_threshold,
+        "answerable_threshold": settings.answerable_threshold,
         "limit": args.limit,
         "seed": args.seed,
         "per_question": per_question,

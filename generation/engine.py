@@ -217,6 +217,23 @@ class Engine:
             self.prefix_cache.store(ids[:cache_prefix_len], prefix_kv)
         return logits, kv, reused
 
+    def choice_probability(
+        self, ids: Sequence[int], yes: Sequence[str], no: Sequence[str], cache_prefix_len: int = 0
+    ) -> float:
+        """P(first reply token is one of `yes`) against `no`, from a single prefill.
+
+        Used to ask the model a yes/no question about its own prompt without decoding.
+        """
+        logits, _, _ = self.prefill_with_prefix(ids, cache_prefix_len)
+
+        def first_ids(words: Sequence[str]) -> list[int]:
+            out = {self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words}
+            return sorted(out)
+
+        pick = torch.tensor(first_ids(yes) + first_ids(no), device=self.device)
+        probs = torch.softmax(logits.float()[pick], dim=-1)
+        return float(probs[: len(first_ids(yes))].sum())
+
     # -- the single-request loop -----------------------------------------------------------
     def generate(
         self, ids: Sequence[int], params: GenerationParams, *, use_cache: bool = True

@@ -27,6 +27,9 @@ def server(tmp_path_factory):
         generator="smollm2-135m-instruct",
         max_question_chars=500,
         max_answer_tokens=48,
+        # SmolLM2-135M's yes/no judgement is noise; switch the gate off here so that the
+        # generation path runs. The gate has its own test below.
+        answerable_threshold=0.0,
     )
     with LiveServer(settings) as srv:
         wait_for(
@@ -186,3 +189,24 @@ def test_openai_sdk_streaming_ends_with_done(server):
     assert "citations" in chunks[-1].model_extra
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text
+
+
+def test_answerability_gate_refuses_when_the_model_doubts_the_passages(server):
+    import asyncio
+
+    from app.answer import Answerer, AskInput
+
+    services = server.services
+    strict = Answerer(
+        retriever=services.extras["retriever"],
+        engine=services.extras["engine"],
+        scheduler=services.extras["scheduler"],
+        refusal_threshold=0.3,
+        answerable_threshold=0.9999,
+    )
+    out = asyncio.run(
+        strict.answer(AskInput(question="What does the Zorblax engine run on?", debug=True))
+    )
+    assert out["refused"] is True and out["refusal_reason"] == "not_answerable"
+    assert 0.0 <= out["answerable_p"] < 0.9999
+    assert out["answer"] == REFUSAL_EN and out["citations"] == []

@@ -1,0 +1,62 @@
+"""The service's citation guarantees, independent of what the model writes."""
+
+from app.citations import MarkerFilter, cite, clean_markers, looks_like_refusal
+from retrieval.retriever import Passage
+
+
+def _p(n, text):
+    return Passage(
+        chunk_id=n,
+        document_id=n,
+        filename=f"f{n}.txt",
+        title=None,
+        page=n,
+        heading_path=None,
+        char_start=0,
+        char_end=len(text),
+        text=text,
+        score=1.0,
+    )
+
+
+PASSAGES = [
+    _p(1, "The Zorblax engine runs on liquid nitrogen."),
+    _p(2, "Honey bees dance to show where flowers are."),
+]
+
+
+def test_markers_outside_the_given_passages_are_removed_and_forms_normalised():
+    assert clean_markers("A [1]. B [7]. C [1, 2]. D 【2】. E [Passage 2].", 2) == (
+        "A [1]. B . C [1][2]. D [2]. E [2]."
+    )
+
+
+def test_streaming_filter_never_leaks_a_bad_marker_split_across_deltas():
+    f = MarkerFilter(valid=2)
+    pieces = ["It runs on nitrogen [", "1", "] and [", "9", "] more", "."]
+    out = "".join(f.push(p) for p in pieces) + f.flush()
+    assert out == "It runs on nitrogen [1] and  more."
+
+
+def test_citation_to_a_passage_sharing_no_words_with_its_sentence_is_dropped():
+    text, citations = cite("The engine runs on liquid nitrogen [2].", PASSAGES)
+    # [2] is about bees: dropped; the sentence is then attached by inference to [1]
+    assert [c.number for c in citations] == [1]
+    assert citations[0].inferred is True
+    assert "[2]" not in text
+
+
+def test_answer_without_markers_gets_inferred_citations():
+    _, citations = cite("Bees dance to show where the flowers are.", PASSAGES)
+    assert [(c.number, c.inferred) for c in citations] == [(2, True)]
+
+
+def test_unsupported_answer_gets_no_citation():
+    _, citations = cite("Paris is the capital of France.", PASSAGES)
+    assert citations == []
+
+
+def test_refusal_phrases_in_english_and_chinese_are_recognised():
+    assert looks_like_refusal("The passages do not contain information about that.")
+    assert looks_like_refusal("根据资料无法回答该问题。")
+    assert not looks_like_refusal("The engine runs on liquid nitrogen [1].")
