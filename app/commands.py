@@ -40,8 +40,7 @@ def run_worker(settings: Settings) -> None:
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("signal %d: finishing the current job, then stopping", signum)
-        worker._stop.set()
-        worker.wake()
+        worker.request_stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -63,9 +63,13 @@ class Worker:
         """Cut the idle wait short: a job was just queued."""
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Ask the loop to finish the current job and return (safe from a signal handler)."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -42,6 +42,7 @@ def settings_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             "data_dir": tmp_path / "data",
             "model_dir": MODEL_DIR,
             "generator": "smollm2-135m-instruct",
+            "load_generator": False,  # tests that answer questions turn it on
         }
         values.update(overrides)
         return Settings(**values)

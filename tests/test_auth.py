@@ -61,3 +61,14 @@ def test_openapi_docs_are_served(live_server):
     with live_server() as srv:
         assert httpx.get(f"{srv.url}/docs").status_code == 200
         assert "/v1/documents" in httpx.get(f"{srv.url}/openapi.json").json()["paths"]
+
+
+def test_ask_without_a_loaded_generator_returns_503_with_the_reason(live_server):
+    with live_server(load_generator=False) as srv:
+        r = httpx.post(f"{srv.url}/v1/ask", json={"question": "anything?"})
+        assert r.status_code == 503
+        assert (
+            "is not loaded" in r.json()["detail"] and "RAGQA_LOAD_GENERATOR" in r.json()["detail"]
+        )
+        health = httpx.get(f"{srv.url}/healthz").json()
+        assert health["generator"]["state"] == "disabled"
