@@ -153,7 +153,16 @@ class VectorIndex:
         if meta is None or meta.version == self.version:
             self._sidecar_mtime = mtime
             return False
-        self._load()
+        with self._lock:
+            journal = list(self._journal)
+            self._load()
+            # Changes of ours not saved yet go on top of the other process's file.
+            for op, ids, vectors in journal:
+                if op == "add":
+                    self._apply_add(ids, vectors)  # type: ignore[arg-type]
+                else:
+                    self._apply_remove(ids)
+            self._journal = journal
         return True
 
     def save(self) -> None:
@@ -191,14 +200,7 @@ class VectorIndex:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _sync_from_disk(self) -> None:
-        journal = list(self._journal)
-        if self.refresh() and journal:
-            for op, ids, vectors in journal:
-                if op == "add":
-                    self._apply_add(ids, vectors)  # type: ignore[arg-type]
-                else:
-                    self._apply_remove(ids)
-            self._journal = journal
+        self.refresh()
 
     @property
     def dirty(self) -> bool:

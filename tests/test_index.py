@@ -86,3 +86,18 @@ def test_deferred_saves_replay_pending_changes_over_another_writers_save(tmp_pat
     assert not a.dirty
     b.refresh()
     assert sorted(b.ids().tolist()) == [1, 2, 3, 4]
+
+
+def test_search_reloading_another_writers_save_keeps_unsaved_changes(tmp_path):
+    rng = np.random.default_rng(4)
+    a = VectorIndex(tmp_path, embedder="e", dim=8, save_interval_s=3600)
+    b = VectorIndex(tmp_path, embedder="e", dim=8)
+    with a.writing(force_save=True) as idx:
+        idx.add([1], _unit(rng, 1, 8))
+    with a.writing() as idx:
+        idx.add([2], _unit(rng, 1, 8))  # pending in a's journal
+    b.refresh()
+    with b.writing() as idx:
+        idx.add([3], _unit(rng, 1, 8))
+    a.search(_unit(rng, 1, 8), 3)  # reloads b's file
+    assert sorted(a.ids().tolist()) == [1, 2, 3]
