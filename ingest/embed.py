@@ -8,6 +8,7 @@ from installed packages; nothing here reaches a model hub.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,9 @@ class SentenceTransformerEmbedder:
 
         self.name = name
         self.batch_size = batch_size
+        # The worker thread and request threads share this model; a fast tokenizer used
+        # from two threads at once fails with "Already borrowed", so calls take turns.
+        self._lock = threading.Lock()
         self.model = SentenceTransformer(str(folder), device=device, local_files_only=True)
         if bf16:
             self.model = self.model.to(torch.bfloat16)
@@ -108,21 +112,25 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=False,
-            convert_to_tensor=True,
-            normalize_embeddings=False,
-            show_progress_bar=False,
-        )
+        with self._lock:
+            vectors = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=False,
+                convert_to_tensor=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+            )
         return _l2_normalise(vectors.float().cpu().numpy())
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
         # Counting, not encoding for the model: long texts are expected here.
-        encoded = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        with self._lock:
+            encoded = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
         return [len(ids) for ids in encoded]
 
 
