@@ -50,6 +50,9 @@ def start_ingest(services: Services) -> None:
         store=parts.store, embedder=parts.embedder, index=parts.index, pipeline=parts.pipeline
     )
     services.extras["retriever"] = build_retriever(settings, services.sessions, parts)
+    if not settings.worker:
+        # No worker here to save deferred index changes when idle: save every change.
+        parts.index.save_interval_s = 0.0
     if settings.worker:
         worker = build_worker(settings, services.sessions, parts.pipeline)
         worker.start()
@@ -61,6 +64,9 @@ def stop_ingest(services: Services) -> None:
     worker = services.extras.get("worker")
     if worker is not None:
         worker.stop()
+    index = services.extras.get("index")
+    if index is not None:
+        index.flush()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
