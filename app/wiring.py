@@ -94,5 +94,9 @@ def build_retriever(
 ) -> Retriever:
     reranker = CrossEncoderReranker(Path(settings.reranker)) if settings.reranker else None
     return Retriever(
-        sessions=sessions, embedder=parts.embedder, index=parts.index, reranker=reranker
+        sessions=sessions,
+        embedder=parts.embedder,
+        index=parts.index,
+        reranker=reranker,
+        rrf_k=settings.rrf_k,
     )

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--embedder", default=None)
+    parser.add_argument("--rrf-k", type=int, default=None, help="RRF constant (default 60).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -118,6 +119,8 @@ def main() -> None:
     settings = Settings(**overrides)
     services, parts, source_of, ingest_s = ingest_corpus(settings, corpus)
     retriever = build_retriever(settings, services.sessions, parts)
+    if args.rrf_k is not None:
+        retriever.rrf_k = args.rrf_k
     modes = ["dense", "lexical", "hybrid"]
     result: dict[str, object] = {"queries": len(test_ids), "corpus_size": len(corpus)}
     retriever.lexical.ensure(parts.index.version, wait=True)
@@ -145,6 +148,7 @@ def main() -> None:
             "latency_p95_ms": round(percentile(latencies, 0.95), 2),
         }
     result["embedder"] = parts.embedder.name
+    result["rrf_k"] = retriever.rrf_k
     result["ingest_s"] = round(ingest_s, 1)
     result["chunks"] = len(parts.index)
     text = json.dumps(result, indent=2)
