@@ -108,12 +108,12 @@ def ask(
     import asyncio
 
     from app.answer import AskInput
-    from app.commands import build_answerer
+    from app.commands import load_answerer
     from generation.params import GenerationParams
 
     settings = _settings()
     try:
-        answerer = build_answerer(settings)
+        answerer = load_answerer(settings)
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

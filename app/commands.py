@@ -166,18 +166,7 @@ def rebuild(
     services = build_services(settings)
     parts = build_ingest(settings, services.sessions)
     if reparse:
-        with services.sessions() as session:
-            ids = list(session.execute(select(Document.id)).scalars())
-        for doc_id in ids:
-            try:
-                parts.pipeline.process_document(doc_id)
-            except Exception as exc:  # record and go on: one bad file must not stop a reindex
-                with services.sessions() as session, session.begin():
-                    session.execute(
-                        update(Document)
-                        .where(Document.id == doc_id)
-                        .values(status="failed", error=str(exc))
-                    )
+        parts.pipeline.reparse_all()
     return parts.pipeline.rebuild_index(progress)
 
 
@@ -227,22 +216,19 @@ def reembed(
     return len(ids), folder
 
 
-def build_answerer(settings: Settings):  # type: ignore[no-untyped-def]
+def load_answerer(settings: Settings):  # type: ignore[no-untyped-def]
     """Everything `ragqa ask` needs, loaded in this process (generator included)."""
-    from app.answer import Answerer
     from app.generator import load_generator
-    from app.wiring import build_retriever
+    from app.wiring import build_answerer, build_retriever
 
     services = build_services(settings)
     parts = build_ingest(settings, services.sessions)
     load_generator(services)
     if services.generator_status.state != "ready":
         raise RuntimeError(f"generator not loaded: {services.generator_status.detail}")
-    return Answerer(
+    return build_answerer(
+        settings,
         retriever=build_retriever(settings, services.sessions, parts),
         engine=services.extras["engine"],
         scheduler=services.extras["scheduler"],
-        refusal_threshold=settings.refusal_threshold,
-        answerable_threshold=settings.answerable_threshold,
-        max_context_tokens=settings.max_context_tokens,
     )

@@ -14,6 +14,7 @@ from app.auth import check_admin, check_user
 from app.errors import ServiceUnavailable
 from app.services import Services
 from app.settings import Settings
+from app.wiring import build_answerer
 
 
 def get_services(request: Request) -> Services:
@@ -60,14 +61,11 @@ def get_answerer(services: Annotated[Services, Depends(get_services)]) -> Answer
         raise ServiceUnavailable(f"search is not available: {emb['detail'] or emb['state']}")
     with _answerer_lock:
         if "answerer" not in services.extras:
-            settings = services.settings
-            services.extras["answerer"] = Answerer(
+            services.extras["answerer"] = build_answerer(
+                services.settings,
                 retriever=services.extras["retriever"],
                 engine=services.extras["engine"],
                 scheduler=services.extras["scheduler"],
-                refusal_threshold=settings.refusal_threshold,
-                answerable_threshold=settings.answerable_threshold,
-                max_context_tokens=settings.max_context_tokens,
             )
     return services.extras["answerer"]
 

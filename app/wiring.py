@@ -13,8 +13,11 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.answer import Answerer
 from app.settings import Settings
 from generation.device import cpu_has_fast_bf16
+from generation.engine import Engine
+from generation.scheduler import Scheduler
 from ingest.chunk import Chunker
 from ingest.embed import Embedder, load_embedder
 from ingest.pipeline import Pipeline
@@ -86,6 +89,19 @@ def build_worker(
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
         **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def build_answerer(
+    settings: Settings, *, retriever: Retriever, engine: Engine, scheduler: Scheduler
+) -> Answerer:
+    return Answerer(
+        retriever=retriever,
+        engine=engine,
+        scheduler=scheduler,
+        refusal_threshold=settings.refusal_threshold,
+        answerable_threshold=settings.answerable_threshold,
+        max_context_tokens=settings.max_context_tokens,
     )
 
 

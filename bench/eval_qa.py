@@ -32,7 +32,7 @@ from app.commands import ingest_items
 from app.generator import load_generator
 from app.main import build_services
 from app.settings import Settings
-from app.wiring import build_ingest, build_retriever
+from app.wiring import build_answerer, build_ingest, build_retriever
 from generation.params import GenerationParams
 from ingest.schema import Document
 
@@ -181,13 +181,11 @@ def main() -> None:
         load_generator(services)
         if services.generator_status.state != "ready":
             raise SystemExit(f"generator failed: {services.generator_status.detail}")
-        answerer = Answerer(
+        answerer = build_answerer(
+            settings,
             retriever=build_retriever(settings, services.sessions, parts),
             engine=services.extras["engine"],
             scheduler=services.extras["scheduler"],
-            refusal_threshold=settings.refusal_threshold,
-            answerable_threshold=settings.answerable_threshold,
-            max_context_tokens=settings.max_context_tokens,
         )
     per_question = []
     for q in questions:

@@ -230,9 +230,10 @@ class Engine:
             out = {self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words}
             return sorted(out)
 
-        pick = torch.tensor(first_ids(yes) + first_ids(no), device=self.device)
+        yes_ids = first_ids(yes)
+        pick = torch.tensor(yes_ids + first_ids(no), device=self.device)
         probs = torch.softmax(logits.float()[pick], dim=-1)
-        return float(probs[: len(first_ids(yes))].sum())
+        return float(probs[: len(yes_ids)].sum())
 
     # -- the single-request loop -----------------------------------------------------------
     def generate(

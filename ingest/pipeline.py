@@ -239,6 +239,28 @@ class Pipeline:
             found, matrix = repo.stored_vectors(session=session, ids=ids, dim=self.index.dim)
         return matrix, found
 
+    def reparse_all(self) -> int:
+        """Re-parse every stored original with the current parser and chunker.
+
+        A document that cannot be read any more is marked failed with the reason and the
+        rest go on; other errors (database, disk) stop the run. Returns the failures.
+        """
+        with self.sessions() as session:
+            ids = list(session.execute(select(Document.id)).scalars())
+        failures = 0
+        for doc_id in ids:
+            try:
+                self.process_document(doc_id)
+            except ParseError as exc:
+                failures += 1
+                with self.sessions() as session, session.begin():
+                    session.execute(
+                        update(Document)
+                        .where(Document.id == doc_id)
+                        .values(status=DocumentStatus.FAILED, error=str(exc))
+                    )
+        return failures
+
     def rebuild_index(self, progress: Progress | None = None) -> int:
         """Rebuild the whole index from the vectors stored in the database."""
         with self.sessions() as session:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.schema import Document, DocumentStatus, IngestJob, JobKind, JobStatus, utcnow
@@ -194,11 +194,3 @@ def fail_exhausted(*, session: Session, max_attempts: int) -> int:
                 doc.status, doc.error = DocumentStatus.FAILED, error
         count += 1
     return count
-
-
-def pending_count(*, session: Session) -> int:
-    return int(
-        session.execute(
-            text("SELECT count(*) FROM ingest_jobs WHERE status IN ('queued', 'running')")
-        ).scalar_one()
-    )

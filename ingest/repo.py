@@ -119,12 +119,6 @@ def list_chunks(
     return list(rows), int(total)
 
 
-def get_chunks(*, session: Session, ids: Sequence[int]) -> list[Chunk]:
-    if not ids:
-        return []
-    return list(session.execute(select(Chunk).where(Chunk.id.in_(ids))).scalars())
-
-
 def get_job(*, session: Session, job_id: int) -> IngestJob | None:
     return session.get(IngestJob, job_id)
 

@@ -15,13 +15,12 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import queue
 from ingest.parse import ParseError
 from ingest.pipeline import Pipeline
-from ingest.schema import Document, IngestJob, JobKind
+from ingest.schema import IngestJob, JobKind
 
 logger = logging.getLogger(__name__)
 
@@ -166,16 +165,7 @@ class Worker:
             logger.info("document %s ready: %d chunks", job.document_id, count)
         elif job.kind == JobKind.REINDEX:
             if job.params.get("reparse"):
-                with self.sessions() as session:
-                    ids = list(session.execute(select(Document.id)).scalars())
-                for doc_id in ids:
-                    try:
-                        self.pipeline.process_document(doc_id)
-                    except ParseError as exc:
-                        with self.sessions() as session, session.begin():
-                            doc = session.get(Document, doc_id)
-                            if doc is not None:
-                                doc.status, doc.error = "failed", str(exc)
+                self.pipeline.reparse_all()
             count = self.pipeline.rebuild_index()
             logger.info("reindex done: %d vectors", count)
         else:

@@ -68,6 +68,11 @@ def test_ingest_folder_then_verify_then_ask_prints_answer_and_sources(tmp_path):
     assert verify.returncode == 0 and "ok: database and index agree" in verify.stdout
     rebuilt = ragqa(tmp_path, "reindex")
     assert rebuilt.returncode == 0 and "index rebuilt" in rebuilt.stdout
+    reparsed = ragqa(tmp_path, "reindex", "--reparse")
+    assert reparsed.returncode == 0, reparsed.stderr
+    assert ragqa(tmp_path, "reindex", "--verify").returncode == 0
+    listing = ragqa(tmp_path, "ingest", str(folder))  # all three are known by now
+    assert "3 duplicate" in listing.stdout
     answer = ragqa(tmp_path, "ask", "Who won the chess world championship in 1972?")
     assert answer.returncode == 0, answer.stderr
     assert "The documents do not contain an answer to this question." in answer.stdout
