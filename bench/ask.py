@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+from stats import percentile  # bench/stats.py, beside this script
 
 from app.main import build_services
 from app.settings import Settings
@@ -62,11 +63,6 @@ PARAGRAPHS = [
     "The 1878 treaty set a tariff of two percent on grain and required both ports to publish "
     "their prices every week.",
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def synthetic_corpus(settings: Settings, size: int, dim: int, rng: random.Random) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import select
+from stats import percentile  # bench/stats.py, beside this script
 
 from app.answer import Answerer, AskInput
 from app.commands import ingest_items
@@ -49,13 +50,6 @@ def is_correct(answer: str, gold: list[str], match: str) -> bool:
     if not parts:
         return False
     return all(p in norm for p in parts) if match == "all" else any(p in norm for p in parts)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import select
+from stats import percentile  # bench/stats.py, beside this script
 
 from app.commands import ingest_items
 from app.main import build_services
@@ -65,13 +66,6 @@ def mrr_at(ranked: list[str], rels: dict[str, int], k: int) -> float:
         if d in rels:
             return 1.0 / (i + 1)
     return 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def ingest_corpus(settings: Settings, corpus: list[dict]):  # type: ignore[no-untyped-def]
