@@ -272,8 +272,18 @@ class VectorIndex:
             self._tombstones = set()
             self._journal = []
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries float32 [q, dim] -> (scores [q, k], ids [q, k]); missing slots have id -1."""
+    @property
+    def exact_within(self) -> bool:
+        """Whether `search(within=...)` is exact (a flat index scans every allowed vector)."""
+        return self.index_type == "flat"
+
+    def search(
+        self, queries: np.ndarray, k: int, within: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [q, dim] -> (scores [q, k], ids [q, k]); missing slots have id -1.
+
+        `within` restricts the search to those chunk ids inside FAISS (no extra reads).
+        """
         self.refresh()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with self._lock:
@@ -284,7 +294,11 @@ class VectorIndex:
             if total == 0:
                 return scores, out
             fetch = min(total, k + len(self._tombstones))
-            raw_scores, raw_ids = self._index.search(queries, fetch)
+            params = None
+            if within is not None:
+                selector = faiss.IDSelectorBatch(np.asarray(within, dtype=np.int64))
+                params = faiss.SearchParameters(sel=selector)
+            raw_scores, raw_ids = self._index.search(queries, fetch, params=params)
         for row in range(queries.shape[0]):
             seen: set[int] = set()
             col = 0

@@ -1,8 +1,9 @@
 """Hybrid retrieval: dense (FAISS) and lexical (BM25) candidates, fused by RRF, optionally reranked.
 
 Only chunks of documents that are `ready` come back, with their provenance read from the
-database. Filters (collection, document ids) are exact: a narrow filter is searched by
-brute force over the stored vectors rather than hoping FAISS's global top-k reaches it.
+database. Filters (collection, document ids) are exact: a flat index searches only the
+allowed ids; with HNSW/IVF a narrow filter is scanned over the vectors stored in the
+database rather than hoping the approximate global top-k reaches it.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class Retriever:
         self, vector: np.ndarray, k: int, allowed: list[int] | None
     ) -> list[tuple[int, float]]:
         """vector float32 [1, dim] -> [(chunk id, cosine)] best first."""
+        if allowed is not None and self.index.exact_within:
+            scores, ids = self.index.search(vector, k, within=allowed)
+            return [(int(c), float(s)) for s, c in zip(scores[0], ids[0], strict=True) if c >= 0]
+        # HNSW/IVF search approximately: a narrow filter is scanned exactly from the
+        # vectors stored in the database instead.
         if allowed is not None and len(allowed) <= BRUTE_FORCE_LIMIT:
             ids, matrix = self._stored_vectors(allowed)
             if not ids:

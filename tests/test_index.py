@@ -101,3 +101,16 @@ def test_search_reloading_another_writers_save_keeps_unsaved_changes(tmp_path):
         idx.add([3], _unit(rng, 1, 8))
     a.search(_unit(rng, 1, 8), 3)  # reloads b's file
     assert sorted(a.ids().tolist()) == [1, 2, 3]
+
+
+def test_search_within_ids_matches_brute_force_over_those_ids(tmp_path):
+    rng = np.random.default_rng(5)
+    vecs, query = _unit(rng, 300, 16), _unit(rng, 1, 16)
+    index = VectorIndex(tmp_path, embedder="e", dim=16)
+    index.add(list(range(300)), vecs)
+    allowed = list(range(0, 300, 7))
+    scores, ids = index.search(query, 5, within=allowed)
+    sims = vecs[allowed] @ query[0]
+    expected = [allowed[i] for i in np.argsort(-sims)[:5]]
+    assert ids[0].tolist() == expected
+    np.testing.assert_allclose(scores[0], np.sort(sims)[::-1][:5], rtol=1e-5)
