@@ -3,7 +3,7 @@
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=""
-ARG MODEL_EXTRAS="embedder,qwen-1_5b"
+ARG MODEL_EXTRAS="embedder,qwen-1-5b"
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAGQA_DATA_DIR=/data \

@@ -28,7 +28,7 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-torch
 	@touch $@
 
 $(VENV)/.stamp-serve: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install -e '.[embedder,qwen-1_5b]'
+	$(PIP) install -e '.[embedder,qwen-1-5b]'
 	@touch $@
 
 venv: $(VENV)/.stamp-test

@@ -46,3 +46,25 @@ def test_dockerfile_pins_torch_and_sets_settings_that_exist():
     for token in text.replace("\\", " ").split():
         if token.startswith("RAGQA_") and "=" in token:
             assert token.split("=", 1)[0] in fields, token
+
+
+def test_extras_named_by_makefile_dockerfile_and_readme_exist_in_normalised_form():
+    # pip 23 does not normalise a requested extra ("a_b" is not "a-b"), while setuptools
+    # publishes the normalised name: a non-normalised name installs nothing, silently.
+    import re
+    import tomllib
+
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    for name in extras:
+        assert name == re.sub(r"[-_.]+", "-", name).lower(), f"extra {name!r} is not normalised"
+    requested: set[str] = set()
+    for file in ("Makefile", "Dockerfile", "README.md"):
+        text = (ROOT / file).read_text()
+        for group in re.findall(r"\.\[([a-z0-9_,.-]+)\]", text):
+            requested.update(group.split(","))
+        for group in re.findall(r'MODEL_EXTRAS="([a-z0-9_,.-]+)"', text):
+            requested.update(group.split(","))
+    assert requested, "no extras found in Makefile/Dockerfile/README"
+    assert requested <= extras, f"unknown extras {sorted(requested - extras)}"
