@@ -266,6 +266,12 @@ def main() -> None:
             {
                 "ratio_decode_vs_llama_cpp": round(engine_tps / llama["llama_cpp_decode_tok_s"], 3),
                 "ratio_ttft_vs_llama_cpp": round(engine_ttft / llama["llama_cpp_ttft_s"], 3),
+                # The bar: 4 concurrent requests together vs llama.cpp serving one.
+                "ratio_aggregate_4_vs_llama_cpp": round(
+                    aggregate["4"] / llama["llama_cpp_decode_tok_s"], 3
+                )
+                if "4" in aggregate
+                else None,
             }
             if llama.get("llama_cpp_decode_tok_s")
             else {}
