@@ -42,6 +42,8 @@ class Event:
     cached_prompt_tokens: int = 0
     ttft_s: float | None = None
     error: str | None = None
+    # log P(the request's `score` tokens | prompt): on every event once known.
+    score_logprob: float | None = None
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Request:
     params: GenerationParams
     cache_prefix_len: int
     emit: callable  # type: ignore[valid-type]  # called from the model thread with an Event
+    score: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -74,6 +77,7 @@ class _Seq:
     generated: int = 0
     cached: int = 0
     ttft_s: float = 0.0
+    score_logprob: float | None = None
 
 
 class Scheduler:
@@ -143,9 +147,18 @@ class Scheduler:
         return len(self._rows)
 
     async def stream(
-        self, ids: Sequence[int], params: GenerationParams, *, cache_prefix_len: int = 0
+        self,
+        ids: Sequence[int],
+        params: GenerationParams,
+        *,
+        cache_prefix_len: int = 0,
+        score: Sequence[int] = (),
     ) -> AsyncIterator[Event]:
-        """Async text deltas; leaving the loop early cancels the request and frees its cache."""
+        """Async text deltas; leaving the loop early cancels the request and frees its cache.
+
+        `score`: a candidate reply (token ids) whose log-probability is computed in the
+        same prefill and reported as `Event.score_logprob`.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -156,7 +169,11 @@ class Scheduler:
                 request.cancelled.set()
 
         request = _Request(
-            ids=list(ids), params=params, cache_prefix_len=cache_prefix_len, emit=emit
+            ids=list(ids),
+            params=params,
+            cache_prefix_len=cache_prefix_len,
+            emit=emit,
+            score=list(score),
         )
         self._inbox.put(request)
         try:
@@ -224,7 +241,10 @@ class Scheduler:
 
     def _prefill(self, request: _Request) -> None:
         engine = self.engine
-        logits, kv, cached = engine.prefill_with_prefix(request.ids, request.cache_prefix_len)
+        done = engine.prefill_with_prefix(
+            request.ids, request.cache_prefix_len, score=request.score
+        )
+        logits, kv = done.logits, done.kv
         generator = _generator(request.params, engine.device)
         seen = torch.tensor(request.ids, device=engine.device)
         suppress = engine.eos_tensor if request.params.ignore_eos else None
@@ -235,8 +255,9 @@ class Scheduler:
             generator=generator,
             seen=list(request.ids),
             next_token=token,
-            cached=cached,
+            cached=done.reused,
             ttft_s=time.perf_counter() - request.submitted,
+            score_logprob=done.score_logprob,
         )
         if self._accept(row, token):
             self._join(row, kv)
@@ -258,7 +279,7 @@ class Scheduler:
                 finish = "length"
         if finish is None:
             if delta:
-                row.request.emit(Event(delta=delta))
+                row.request.emit(Event(delta=delta, score_logprob=row.score_logprob))
             row.next_token = token
             return True
         delta += row.decoder.flush()
@@ -271,6 +292,7 @@ class Scheduler:
                 completion_tokens=row.generated,
                 cached_prompt_tokens=row.cached,
                 ttft_s=row.ttft_s,
+                score_logprob=row.score_logprob,
             )
         )
         return False
