@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from generation.attention import use_decode_attention
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.presets import GENERATOR_PRESETS
@@ -66,16 +67,24 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
 
 
 def hf_generate(engine: Engine, ids: list[int], n: int) -> tuple[float, float, list[int]]:
-    """(ttft_s, total_s, tokens) of transformers' generate(), greedy, exactly n tokens."""
+    """(ttft_s, total_s, tokens) of transformers' generate(), greedy, exactly n tokens.
+
+    The baseline is stock transformers: its own loop with its own SDPA attention (the
+    engine switches CPU models to `generation.attention` for decode steps).
+    """
     inputs = torch.tensor([ids], device=engine.device)
     mask = torch.ones_like(inputs)
     kw = {"do_sample": False, "attention_mask": mask, "pad_token_id": engine.tokenizer.eos_token_id}
-    start = time.perf_counter()
-    engine.model.generate(inputs, max_new_tokens=1, min_new_tokens=1, **kw)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    out = engine.model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kw)
-    total = time.perf_counter() - start
+    engine.model.set_attn_implementation("sdpa")
+    try:
+        start = time.perf_counter()
+        engine.model.generate(inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = engine.model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kw)
+        total = time.perf_counter() - start
+    finally:
+        use_decode_attention(engine.model)
     return ttft, total, out[0][len(ids) :].tolist()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from generation import attention
 from generation.engine import Engine
 from generation.params import GenerationParams, ParamError
 from generation.provision import pull_preset
@@ -57,15 +58,61 @@ def small_engine(small_path):
 
 
 def _hf_greedy(engine, ids, n):
-    out = engine.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=sorted(engine.eos_ids),
-        pad_token_id=engine.tokenizer.eos_token_id,
-    )[0][len(ids) :].tolist()
+    """transformers' own loop with its own SDPA attention: the reference."""
+    assert engine.model.config._attn_implementation == attention.NAME
+    engine.model.set_attn_implementation("sdpa")
+    try:
+        out = engine.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=sorted(engine.eos_ids),
+            pad_token_id=engine.tokenizer.eos_token_id,
+        )[0][len(ids) :].tolist()
+    finally:
+        attention.use_decode_attention(engine.model)
     return [t for t in out if t not in engine.eos_ids]
+
+
+def test_decode_attention_matches_sdpa_with_grouped_heads_and_left_padding():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    module.is_causal = True
+    query = torch.randn(2, 6, 1, 16)  # [B, Hq, 1, D]
+    key, value = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)  # [B, Hkv, T, D]
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, :, :, :4] = False  # the second row is left-padded by 4
+    ours, _ = attention.decode_attention(module, query, key, value, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (2, 1, 6, 16)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # Padding must matter: without the mask the padded row attends to 4 more positions.
+    unmasked, _ = attention.decode_attention(module, query, key, value, None, scaling=0.25)
+    assert not torch.allclose(unmasked[1], ref[1], atol=1e-3)
+
+
+def test_kv_appends_in_place_only_into_buffers_it_allocated():
+    from generation.engine import KV_SLACK, append_kv
+
+    prefix = torch.randn(1, 2, 5, 4)
+    before = prefix.clone()
+    first = append_kv(prefix[:, :, :3], torch.ones(1, 2, 1, 4))  # a view of a foreign tensor
+    assert torch.equal(prefix, before)  # never written to
+    second = append_kv(first, torch.full((1, 2, 1, 4), 2.0))
+    assert second.data_ptr() == first.data_ptr()  # same buffer, written in place
+    assert torch.equal(second[:, :, :3], prefix[:, :, :3])
+    assert second[0, 0, 3, 0] == 1.0 and second[0, 0, 4, 0] == 2.0
+    # A stale view (one step behind) is not extended in place: that would overwrite.
+    stale = append_kv(first, torch.zeros(1, 2, 1, 4))
+    assert stale.data_ptr() != first.data_ptr() and second[0, 0, 4, 0] == 2.0
+    grown = second
+    for _ in range(KV_SLACK):
+        grown = append_kv(grown, torch.zeros(1, 2, 1, 4))
+    assert grown.shape[2] == 5 + KV_SLACK and torch.equal(grown[:, :, :5], second)
 
 
 @pytest.mark.parametrize("which", ["tiny_engine", "small_engine"])
