@@ -96,7 +96,6 @@ class Answerer:
         scheduler: Scheduler,
         refusal_threshold: float,
         answerable_threshold: float = 0.0,
-        refusal_logprob_threshold: float | None = None,
         max_context_tokens: int = 4096,
     ) -> None:
         self.retriever = retriever
@@ -104,10 +103,8 @@ class Answerer:
         self.scheduler = scheduler
         self.refusal_threshold = refusal_threshold
         self.answerable_threshold = answerable_threshold
-        self.refusal_logprob_threshold = refusal_logprob_threshold
         self.max_context_tokens = max_context_tokens
         self._prefix_len: dict[str, int] = {}
-        self._refusal_ids: dict[str, list[int]] = {}
 
     def count_tokens(self, text: str) -> int:
         return len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -134,13 +131,6 @@ class Answerer:
                 n += 1
             self._prefix_len[lang] = n
         return self._prefix_len[lang]
-
-    def refusal_ids(self, lang: str) -> list[int]:
-        if lang not in self._refusal_ids:
-            self._refusal_ids[lang] = self.engine.tokenizer.encode(
-                REFUSAL[lang], add_special_tokens=False
-            )
-        return self._refusal_ids[lang]
 
     async def _standalone(self, inp: AskInput, lang: str) -> str:
         if not inp.history:
@@ -224,23 +214,9 @@ class Answerer:
         sent = ""
         ttft_ms: float | None = None
         final = None
-        # The refusal sentence is scored as a reply in the same prefill (a dozen extra
-        # positions): how close the model came to refusing, reported and optionally gated.
-        refusal_lp: float | None = None
-        reason = "model_refused"
-        stream = self.scheduler.stream(
-            ids, inp.params, cache_prefix_len=prefix, score=self.refusal_ids(lang)
-        )
+        stream = self.scheduler.stream(ids, inp.params, cache_prefix_len=prefix)
         try:
             async for ev in stream:
-                if refusal_lp is None and ev.score_logprob is not None:
-                    refusal_lp = ev.score_logprob
-                    if inp.debug:
-                        debug["refusal_logprob"] = round(refusal_lp, 4)
-                    threshold = self.refusal_logprob_threshold
-                    if threshold is not None and refusal_lp >= threshold:
-                        reason = "likely_unanswerable"
-                        break
                 raw += ev.delta
                 if ev.done:
                     final = ev
@@ -265,9 +241,9 @@ class Answerer:
             await stream.aclose()
         prompt_tokens = len(ids)
         completion = final.completion_tokens if final else 0
-        if not released:  # the model refused (or said nothing), or the gate did
+        if not released:  # the model refused (or said nothing)
             async for ev in self._refuse(
-                lang, t0, timings, debug, prompt_tokens, completion, reason
+                lang, t0, timings, debug, prompt_tokens, completion, "model_refused"
             ):
                 yield ev
             return

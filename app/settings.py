@@ -95,14 +95,6 @@ class Settings(BaseSettings):
         le=1.0,
         description="Refuse when the model's P(passages answer it) is below this; 0 = off.",
     )
-    # Off by default: on SQuAD2 the log-probability of the refusal sentence separated
-    # answerable from unanswerable questions only weakly (README, "Measured quality").
-    refusal_logprob_threshold: float | None = Field(
-        None,
-        le=0.0,
-        description="Refuse when the model's log-probability of replying with the refusal "
-        "sentence is at least this (e.g. -1.5); unset = off.",
-    )
     max_question_chars: int = Field(2000, ge=10, le=100_000, description="Longest question.")
     max_answer_tokens: int = Field(256, ge=16, le=4096, description="Default answer length.")
     max_context_tokens: int = Field(

@@ -101,7 +101,6 @@ def build_answerer(
         scheduler=scheduler,
         refusal_threshold=settings.refusal_threshold,
         answerable_threshold=settings.answerable_threshold,
-        refusal_logprob_threshold=settings.refusal_logprob_threshold,
         max_context_tokens=settings.max_context_tokens,
     )
 

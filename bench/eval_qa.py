@@ -124,7 +124,6 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
     parser.add_argument("--answerable-threshold", type=float, default=None)
-    parser.add_argument("--refusal-logprob-threshold", type=float, default=None)
     parser.add_argument(
         "--retrieval-only",
         action="store_true",
@@ -139,14 +138,7 @@ def main() -> None:
         "data_dir": args.data_dir or Path(tempfile.mkdtemp(prefix="ragqa-eval-qa-")),
         "max_upload_mb": 1000,
     }
-    parser_keys = (
-        "generator",
-        "embedder",
-        "refusal_threshold",
-        "top_k",
-        "answerable_threshold",
-        "refusal_logprob_threshold",
-    )
+    parser_keys = ("generator", "embedder", "refusal_threshold", "top_k", "answerable_threshold")
     for key in parser_keys:
         value = getattr(args, key)
         if value is not None:
@@ -223,7 +215,6 @@ def main() -> None:
                 "gold_in_top_k": bool(gold_docs & set(retrieved[:top_k])) if gold_docs else None,
                 "max_dense": out.get("max_dense"),
                 "answerable_p": out.get("answerable_p"),
-                "refusal_logprob": out.get("refusal_logprob"),
                 "ttft_s": out["timings"].get("ttft_ms", 0) / 1000,
                 "total_s": out["timings"].get("total_ms", 0) / 1000,
             }
@@ -260,7 +251,6 @@ def main() -> None:
         "top_k": top_k,
         "refusal_threshold": settings.refusal_threshold,
         "answerable_threshold": settings.answerable_threshold,
-        "refusal_logprob_threshold": settings.refusal_logprob_threshold,
         "limit": args.limit,
         "seed": args.seed,
         "per_question": per_question,

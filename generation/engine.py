@@ -52,14 +52,6 @@ class GenerationResult:
     total_s: float
 
 
-@dataclass
-class Prefilled:
-    logits: torch.Tensor  # [V], for the first reply token
-    kv: KV  # the whole prompt's
-    reused: int  # prompt tokens served from the prefix cache
-    score_logprob: float | None = None  # log P(score tokens | prompt), when asked for
-
-
 def kv_from_cache(cache: DynamicCache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -216,45 +208,29 @@ class Engine:
 
     # -- the two forward passes ------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(
-        self, ids: Sequence[int], past: KV | None = None, *, score: Sequence[int] = ()
-    ) -> tuple[torch.Tensor, KV, float | None]:
+    def prefill(self, ids: Sequence[int], past: KV | None = None) -> tuple[torch.Tensor, KV]:
         """Run the prompt (after an optional cached prefix `past`) in one pass.
 
-        Returns logits of the last prompt position [V], the KV of the prompt, and, when
-        `score` token ids are given, their summed log-probability as a continuation of the
-        prompt: they ride along in the same forward pass (a few extra positions) and their
-        KV is cut off again, so scoring a candidate reply costs almost nothing.
+        Returns logits of the last position [V] and the KV of the whole prompt.
         """
         start = past[0][0].shape[2] if past else 0
-        score = list(score)
-        tokens = list(ids) + score
-        input_ids = torch.tensor([tokens], device=self.device)
-        positions = torch.arange(start, start + len(tokens), device=self.device).unsqueeze(0)
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
         # An explicit all-ones mask selects the same attention kernel as transformers'
         # generate(), so greedy outputs agree bit for bit in bf16 too.
-        mask = torch.ones(1, start + len(tokens), dtype=torch.long, device=self.device)
+        mask = torch.ones(1, start + len(ids), dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=input_ids,
             position_ids=positions,
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
-            # Only the last prompt position's logits (and the scored ones) are needed: the
-            # vocabulary projection of a 600-token prompt would otherwise cost more than a
-            # third of the prefill.
-            logits_to_keep=len(score) + 1,
+            # Only the last position's logits are needed: the vocabulary projection of a
+            # 600-token prompt would otherwise cost more than a third of the prefill.
+            logits_to_keep=1,
         )
-        kv = kv_from_cache(out.past_key_values)
-        if not score:
-            return out.logits[0, -1], kv, None
-        logits = out.logits[0]  # [len(score) + 1, V]: the prompt's last position, then score
-        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-        target = torch.tensor(score, device=self.device).unsqueeze(1)
-        total = float(logprobs.gather(1, target).sum())
-        end = start + len(ids)
-        return logits[0], [(k[:, :, :end], v[:, :, :end]) for k, v in kv], total
+        return out.logits[0, -1], kv_from_cache(out.past_key_values)
 
     @torch.inference_mode()
     def decode_step(
@@ -277,11 +253,11 @@ class Engine:
         return out.logits[:, -1], kv_from_cache(out.past_key_values)
 
     def prefill_with_prefix(
-        self, ids: Sequence[int], cache_prefix_len: int = 0, *, score: Sequence[int] = ()
-    ) -> Prefilled:
+        self, ids: Sequence[int], cache_prefix_len: int = 0
+    ) -> tuple[torch.Tensor, KV, int]:
         """Prefill reusing the longest cached prefix; store this prompt's own prefix.
 
-        `score`: token ids whose log-probability as the reply is wanted (see `prefill`).
+        Returns (last logits [V], kv, tokens served from the prefix cache).
         """
         ids = list(ids)
         hit = self.prefix_cache.lookup(ids)
@@ -294,7 +270,7 @@ class Engine:
                 past = [(k[:, :, :reused], v[:, :, :reused]) for k, v in past]
             if reused == 0:
                 past = None
-        logits, kv, score_logprob = self.prefill(ids[reused:], past, score=score)
+        logits, kv = self.prefill(ids[reused:], past)
         if cache_prefix_len and cache_prefix_len > reused and cache_prefix_len <= len(ids):
             # Causal attention: the KV of the first n tokens does not depend on later ones.
             prefix_kv = [
@@ -302,7 +278,7 @@ class Engine:
                 for k, v in kv
             ]
             self.prefix_cache.store(ids[:cache_prefix_len], prefix_kv)
-        return Prefilled(logits, kv, reused, score_logprob)
+        return logits, kv, reused
 
     def choice_probability(
         self, ids: Sequence[int], yes: Sequence[str], no: Sequence[str], cache_prefix_len: int = 0
@@ -311,7 +287,7 @@ class Engine:
 
         Used to ask the model a yes/no question about its own prompt without decoding.
         """
-        logits = self.prefill_with_prefix(ids, cache_prefix_len).logits
+        logits, _, _ = self.prefill_with_prefix(ids, cache_prefix_len)
 
         def first_ids(words: Sequence[str]) -> list[int]:
             out = {self.tokenizer.encode(w, add_special_tokens=False)[0] for w in words}
@@ -336,7 +312,7 @@ class Engine:
         decoder = StreamDecoder(self.tokenizer, params.stop)
         seen = torch.tensor(ids, device=self.device)
         suppress = self.eos_tensor if params.ignore_eos else None
-        logits, kv, _ = self.prefill(ids)
+        logits, kv = self.prefill(ids)
         token = sample(logits, params, seen, generator, suppress)
         ttft = time.perf_counter() - start
         generated: list[int] = []
@@ -364,7 +340,7 @@ class Engine:
                 )
                 logits = step_logits[0]
             else:
-                logits, _, _ = self.prefill(ids + generated)
+                logits, _ = self.prefill(ids + generated)
             token = sample(logits, params, seen, generator, suppress)
         decoder.flush()
         return GenerationResult(

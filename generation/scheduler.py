@@ -42,8 +42,6 @@ class Event:
     cached_prompt_tokens: int = 0
     ttft_s: float | None = None
     error: str | None = None
-    # log P(the request's `score` tokens | prompt): on every event once known.
-    score_logprob: float | None = None
 
 
 @dataclass
@@ -52,7 +50,6 @@ class _Request:
     params: GenerationParams
     cache_prefix_len: int
     emit: callable  # type: ignore[valid-type]  # called from the model thread with an Event
-    score: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -77,7 +74,6 @@ class _Seq:
     generated: int = 0
     cached: int = 0
     ttft_s: float = 0.0
-    score_logprob: float | None = None
 
 
 class Scheduler:
@@ -147,18 +143,9 @@ class Scheduler:
         return len(self._rows)
 
     async def stream(
-        self,
-        ids: Sequence[int],
-        params: GenerationParams,
-        *,
-        cache_prefix_len: int = 0,
-        score: Sequence[int] = (),
+        self, ids: Sequence[int], params: GenerationParams, *, cache_prefix_len: int = 0
     ) -> AsyncIterator[Event]:
-        """Async text deltas; leaving the loop early cancels the request and frees its cache.
-
-        `score`: a candidate reply (token ids) whose log-probability is computed in the
-        same prefill and reported as `Event.score_logprob`.
-        """
+        """Async text deltas; leaving the loop early cancels the request and frees its cache."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -169,11 +156,7 @@ class Scheduler:
                 request.cancelled.set()
 
         request = _Request(
-            ids=list(ids),
-            params=params,
-            cache_prefix_len=cache_prefix_len,
-            emit=emit,
-            score=list(score),
+            ids=list(ids), params=params, cache_prefix_len=cache_prefix_len, emit=emit
         )
         self._inbox.put(request)
         try:
@@ -241,10 +224,7 @@ class Scheduler:
 
     def _prefill(self, request: _Request) -> None:
         engine = self.engine
-        done = engine.prefill_with_prefix(
-            request.ids, request.cache_prefix_len, score=request.score
-        )
-        logits, kv = done.logits, done.kv
+        logits, kv, cached = engine.prefill_with_prefix(request.ids, request.cache_prefix_len)
         generator = _generator(request.params, engine.device)
         seen = torch.tensor(request.ids, device=engine.device)
         suppress = engine.eos_tensor if request.params.ignore_eos else None
@@ -255,9 +235,8 @@ class Scheduler:
             generator=generator,
             seen=list(request.ids),
             next_token=token,
-            cached=done.reused,
+            cached=cached,
             ttft_s=time.perf_counter() - request.submitted,
-            score_logprob=done.score_logprob,
         )
         if self._accept(row, token):
             self._join(row, kv)
@@ -279,7 +258,7 @@ class Scheduler:
                 finish = "length"
         if finish is None:
             if delta:
-                row.request.emit(Event(delta=delta, score_logprob=row.score_logprob))
+                row.request.emit(Event(delta=delta))
             row.next_token = token
             return True
         delta += row.decoder.flush()
@@ -292,7 +271,6 @@ class Scheduler:
                 completion_tokens=row.generated,
                 cached_prompt_tokens=row.cached,
                 ttft_s=row.ttft_s,
-                score_logprob=row.score_logprob,
             )
         )
         return False

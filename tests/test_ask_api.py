@@ -210,33 +210,3 @@ def test_answerability_gate_refuses_when_the_model_doubts_the_passages(server):
     assert out["refused"] is True and out["refusal_reason"] == "not_answerable"
     assert 0.0 <= out["answerable_p"] < 0.9999
     assert out["answer"] == REFUSAL_EN and out["citations"] == []
-
-
-def test_refusal_likelihood_is_reported_and_its_gate_refuses_before_any_text(server):
-    import asyncio
-
-    from app.answer import Answerer, AskInput
-
-    services = server.services
-
-    def answerer(threshold: float | None) -> Answerer:
-        return Answerer(
-            retriever=services.extras["retriever"],
-            engine=services.extras["engine"],
-            scheduler=services.extras["scheduler"],
-            refusal_threshold=0.3,
-            refusal_logprob_threshold=threshold,
-        )
-
-    inp = AskInput(question="What does the Zorblax engine run on?", debug=True)
-    plain = asyncio.run(answerer(None).answer(inp))
-    assert plain["refusal_reason"] != "likely_unanswerable"
-    assert plain["refusal_logprob"] < 0.0
-    # Any finite log-probability clears a threshold of -1e9: the gate must refuse.
-    gated = asyncio.run(answerer(-1e9).answer(inp))
-    assert gated["refused"] is True and gated["refusal_reason"] == "likely_unanswerable"
-    assert gated["refusal_logprob"] == pytest.approx(plain["refusal_logprob"], abs=1e-2)
-    assert gated["answer"] == REFUSAL_EN and gated["citations"] == []
-    # A threshold above it lets the same question through to the model.
-    passed = asyncio.run(answerer(plain["refusal_logprob"] + 0.05).answer(inp))
-    assert passed["refusal_reason"] != "likely_unanswerable"

@@ -187,42 +187,6 @@ def test_prefix_reuse_gives_the_same_tokens_as_cold(tiny_engine):
     assert all(ev.cached_prompt_tokens == shared for _, ev in rest)
 
 
-def test_scored_prefill_gives_the_reply_log_probability_and_leaves_the_answer_alone(
-    tiny_engine,
-):
-    ids = tiny_engine.chat_ids([{"role": "user", "content": PROMPTS[0]}])
-    reply = tiny_engine.tokenizer.encode(
-        "The documents do not contain an answer.", add_special_tokens=False
-    )
-    with torch.inference_mode():
-        full = tiny_engine.model(input_ids=torch.tensor([ids + reply])).logits[0].float()
-    logprobs = torch.log_softmax(full[len(ids) - 1 : -1], dim=-1)
-    expected = float(sum(logprobs[i, t] for i, t in enumerate(reply)))
-    logits, kv, scored = tiny_engine.prefill(ids, score=reply)
-    plain_logits, plain_kv, none = tiny_engine.prefill(ids)
-    assert none is None
-    assert scored == pytest.approx(expected, abs=1e-3)
-    assert torch.allclose(logits, plain_logits, atol=1e-4)
-    assert kv[0][0].shape == plain_kv[0][0].shape  # the scored tokens' KV is cut off
-    params = GenerationParams(max_new_tokens=12)
-    scheduler = Scheduler(tiny_engine)
-    scheduler.start()
-    try:
-
-        async def run() -> tuple[str, list[float | None]]:
-            text, seen = "", []
-            async for ev in scheduler.stream(ids, params, score=reply):
-                text += ev.delta
-                seen.append(ev.score_logprob)
-            return text, seen
-
-        text, seen = asyncio.run(run())
-    finally:
-        scheduler.stop()
-    assert text == tiny_engine.generate(ids, params).text
-    assert all(s == pytest.approx(expected, abs=1e-3) for s in seen)
-
-
 def test_leaving_the_stream_cancels_the_request_and_frees_its_row(tiny_engine):
     ids = tiny_engine.chat_ids([{"role": "user", "content": PROMPTS[0]}])
     scheduler = Scheduler(tiny_engine)
