@@ -50,14 +50,14 @@ def start_ingest(services: Services) -> None:
         store=parts.store, embedder=parts.embedder, index=parts.index, pipeline=parts.pipeline
     )
     services.extras["retriever"] = build_retriever(settings, services.sessions, parts)
-    if not settings.worker:
-        # No worker here to save deferred index changes when idle: save every change.
-        parts.index.save_interval_s = 0.0
     if settings.worker:
         worker = build_worker(settings, services.sessions, parts.pipeline)
         worker.start()
         services.extras["worker"] = worker
         services.extras["wake_worker"] = worker.wake
+    else:
+        # No worker here to save deferred index changes when idle: save every change.
+        parts.index.save_interval_s = 0.0
 
 
 def stop_ingest(services: Services) -> None:
