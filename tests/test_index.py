@@ -67,16 +67,22 @@ def test_wrong_vector_shape_names_expected_shape(tmp_path):
         index.add([1, 2], np.zeros((2, 4), np.float32))
 
 
-def test_deferred_saves_replay_pending_changes_over_another_writers_save(tmp_path):
-    rng = np.random.default_rng(3)
+def _writer_with_pending_add(tmp_path, rng):
+    """Two writers on one folder: `a` saved id 1 and holds id 2 unsaved; `b` is current."""
     a = VectorIndex(tmp_path, embedder="e", dim=8, save_interval_s=3600)
     b = VectorIndex(tmp_path, embedder="e", dim=8)
     with a.writing(force_save=True) as idx:
         idx.add([1], _unit(rng, 1, 8))
     with a.writing() as idx:  # not due: kept in the journal
         idx.add([2], _unit(rng, 1, 8))
-    assert a.dirty
     b.refresh()
+    return a, b
+
+
+def test_deferred_saves_replay_pending_changes_over_another_writers_save(tmp_path):
+    rng = np.random.default_rng(3)
+    a, b = _writer_with_pending_add(tmp_path, rng)
+    assert a.dirty
     with b.writing() as idx:  # another process saves meanwhile
         idx.add([3], _unit(rng, 1, 8))
     with a.writing() as idx:  # reloads b's file, replays its own pending add
@@ -90,13 +96,7 @@ def test_deferred_saves_replay_pending_changes_over_another_writers_save(tmp_pat
 
 def test_search_reloading_another_writers_save_keeps_unsaved_changes(tmp_path):
     rng = np.random.default_rng(4)
-    a = VectorIndex(tmp_path, embedder="e", dim=8, save_interval_s=3600)
-    b = VectorIndex(tmp_path, embedder="e", dim=8)
-    with a.writing(force_save=True) as idx:
-        idx.add([1], _unit(rng, 1, 8))
-    with a.writing() as idx:
-        idx.add([2], _unit(rng, 1, 8))  # pending in a's journal
-    b.refresh()
+    a, b = _writer_with_pending_add(tmp_path, rng)
     with b.writing() as idx:
         idx.add([3], _unit(rng, 1, 8))
     a.search(_unit(rng, 1, 8), 3)  # reloads b's file
