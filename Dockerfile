@@ -12,6 +12,10 @@ ENV PYTHONUNBUFFERED=1 \
     RAGQA_PORT=8000
 
 WORKDIR /srv/ragqa
+# A C++ compiler builds the int4 decode kernel (generation/csrc) on first use; without it
+# RAGQA_QUANTIZATION=int4 falls back to torch's much slower int4 kernel.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY app ./app

@@ -1,11 +1,12 @@
 """Weight-only int8 / int4 linear layers for CPU decoding, with an on-disk cache.
 
 Decoding on a CPU is bound by the bytes of weights read per token, so decode steps use
-torch's packed int8 (per output channel) or int4 (per group) kernels. Those kernels are
-built for one row at a time and made a 600-token prefill twice as slow when probed, so
-each layer also keeps its bf16 weight and uses it when a call has more than
-`prefill_rows` rows. That costs memory (bf16 + int copy: 1.5x the bf16 size for int8,
-1.25x for int4), which this machine has; it keeps prefill exactly as fast as bf16.
+packed weights: int8 per output channel (torch's kernel) or int4 per group (ragqa's
+int4 x int8 kernel, `q4kernel.py`, or torch's where that cannot be built). Those kernels
+are built for a few rows at a time and lose to a float matmul on a long prefill, so each
+layer also keeps its float weight and uses it when a call has more than `prefill_rows`
+rows. That costs memory (float + int copy), which this machine has; it keeps prefill
+exactly as fast as without quantization.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from generation import q4kernel
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +67,13 @@ class QuantizedLinear(nn.Module):
         group_size: int = 64,
         prefill_rows: int = 16,
         packed: dict[str, torch.Tensor] | None = None,
+        use_kernel: bool | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("int8", "int4"):
             raise ValueError(f"mode must be int8 or int4, got {mode!r}")
         self.mode = mode
+        self.kernel = False
         self.group_size = group_size
         self.prefill_rows = prefill_rows
         self.in_features = dense.in_features
@@ -82,13 +87,24 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", packed["qweight"], persistent=False)
             self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
         else:
-            q = packed["qweight"].to(torch.int32)
-            self.register_buffer(
-                "qweight",
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
-                persistent=False,
-            )
-            self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
+            if use_kernel is None:
+                use_kernel = q4kernel.supports(self.in_features, group_size) and q4kernel.load()
+            # Our int4 x int8 kernel where it is built, else torch's weight-only int4 kernel
+            # (an 8960x1536 layer, one row, fp32 on AVX2: 0.38 ms vs 13.4 ms for torch's;
+            # bench/quant_kernels.py).
+            self.kernel = use_kernel
+            if use_kernel:
+                qs, sm = q4kernel.pack(packed["qweight"], packed["scales"])
+                self.register_buffer("qweight", qs, persistent=False)
+                self.register_buffer("scales", sm, persistent=False)
+            else:
+                q = packed["qweight"].to(torch.int32)
+                self.register_buffer(
+                    "qweight",
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+                    persistent=False,
+                )
+                self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
 
     @staticmethod
     def quantize(weight: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
@@ -111,6 +127,8 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        elif self.kernel:
+            y = q4kernel.linear(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.qweight, self.group_size, self.scales

@@ -68,3 +68,17 @@ def test_extras_named_by_makefile_dockerfile_and_readme_exist_in_normalised_form
             requested.update(group.split(","))
     assert requested, "no extras found in Makefile/Dockerfile/README"
     assert requested <= extras, f"unknown extras {sorted(requested - extras)}"
+
+
+def test_kernel_source_ships_in_the_package_and_the_image_can_compile_it():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["generation"]
+    sources = [p for p in (ROOT / "generation").rglob("*.cpp")]
+    assert sources, "no kernel source found"
+    for source in sources:
+        rel = source.relative_to(ROOT / "generation")
+        assert any(rel.match(pattern) for pattern in patterns), f"{rel} is not package data"
+    assert "ninja==" in (ROOT / "pyproject.toml").read_text()
+    assert "g++" in (ROOT / "Dockerfile").read_text()
