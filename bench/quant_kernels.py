@@ -4,7 +4,7 @@ Usage: python bench/quant_kernels.py [--model 1.5b|0.5b] [--rows 1,4,16,600] [--
 
 For each weight shape of the Qwen2.5 1.5B (or 0.5B) layers and the vocabulary projection,
 times y = x @ W.T for x with `rows` rows: float (the model dtype, the baseline), torch's
-weight-only int4 and int8 kernels, and ragqa's int4 x int8 kernel (generation/q4kernel.py).
+weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels (generation/qmatmul.py).
 Reports median milliseconds per call and ratios to the float baseline and to torch's int4.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from generation import q4kernel
+from generation import qmatmul
 from generation.device import choose_dtype
 from generation.quant import quantize_int4, quantize_int8
 
@@ -65,7 +65,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     dtype = choose_dtype(torch.device("cpu"))
-    if not q4kernel.load():
+    if not qmatmul.load():
         raise SystemExit("the int4 decode kernel could not be built here (see the log)")
     g = args.group_size
     results: dict[str, dict[str, object]] = {}
@@ -75,8 +75,9 @@ def main() -> None:
         packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
         sz_dtype = sz.to(dtype)
         q8, s8 = quantize_int8(w)
+        s8f = s8.float()
         s8 = s8.to(dtype)
-        qs, sm = q4kernel.pack(q4, sz)
+        qs, sm = qmatmul.pack_int4(q4, sz)
         del q4
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k).to(dtype)
@@ -97,7 +98,11 @@ def main() -> None:
                         args.repeat,
                     ),
                     "ragqa_int4_ms": median_ms(
-                        lambda: q4kernel.linear(x, qs, sm, g),  # noqa: B023
+                        lambda: qmatmul.int4_linear(x, qs, sm, g),  # noqa: B023
+                        args.repeat,
+                    ),
+                    "ragqa_int8_ms": median_ms(
+                        lambda: qmatmul.int8_linear(x, q8, s8f),  # noqa: B023
                         args.repeat,
                     ),
                 }
@@ -106,6 +111,12 @@ def main() -> None:
             )
             timing["ratio_ragqa_int4_vs_torch_int4"] = round(
                 timing["ragqa_int4_ms"] / timing["torch_int4_ms"], 3
+            )
+            timing["ratio_ragqa_int8_vs_float"] = round(
+                timing["ragqa_int8_ms"] / timing["float_ms"], 3
+            )
+            timing["ratio_ragqa_int8_vs_torch_int8"] = round(
+                timing["ragqa_int8_ms"] / timing["torch_int8_ms"], 3
             )
             results[f"{name} {n}x{k} rows={rows}"] = timing
     out = {

@@ -1,12 +1,12 @@
 """Weight-only int8 / int4 linear layers for CPU decoding, with an on-disk cache.
 
 Decoding on a CPU is bound by the bytes of weights read per token, so decode steps use
-packed weights: int8 per output channel (torch's kernel) or int4 per group (ragqa's
-int4 x int8 kernel, `q4kernel.py`, or torch's where that cannot be built). Those kernels
-are built for a few rows at a time and lose to a float matmul on a long prefill, so each
-layer also keeps its float weight and uses it when a call has more than `prefill_rows`
-rows. That costs memory (float + int copy), which this machine has; it keeps prefill
-exactly as fast as without quantization.
+packed weights: int8 per output channel or int4 per group, multiplied by ragqa's
+int8-activation kernels (`qmatmul.py`) or, where those cannot be built, torch's. Those
+kernels are built for a few rows at a time and lose to a float matmul on a long prefill,
+so each layer also keeps its float weight and uses it when a call has more than
+`prefill_rows` rows. That costs memory (float + int copy), which this machine has; it
+keeps prefill exactly as fast as without quantization.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from generation import q4kernel
+from generation import qmatmul
 
 logger = logging.getLogger(__name__)
 
@@ -83,28 +83,33 @@ class QuantizedLinear(nn.Module):
         dtype = dense.weight.dtype
         if packed is None:
             packed = self.quantize(dense.weight.detach(), mode, group_size)
+        if use_kernel is None:
+            fits = (
+                qmatmul.supports_int8(self.in_features)
+                if mode == "int8"
+                else qmatmul.supports_int4(self.in_features, group_size)
+            )
+            use_kernel = fits and qmatmul.load()
+        # ragqa's int8-activation kernels where they build, else torch's weight-only ones
+        # (an 8960x1536 layer, one row, fp32 on an AVX2 CPU: int4 0.38 ms vs 13.4 ms for
+        # torch's, which is slower than the float matmul's 2.7 ms; bench/quant_kernels.py).
+        self.kernel = use_kernel
         if mode == "int8":
+            scale_dtype = torch.float32 if use_kernel else dtype
             self.register_buffer("qweight", packed["qweight"], persistent=False)
-            self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
+            self.register_buffer("scales", packed["scales"].to(scale_dtype), persistent=False)
+        elif use_kernel:
+            qs, sm = qmatmul.pack_int4(packed["qweight"], packed["scales"])
+            self.register_buffer("qweight", qs, persistent=False)
+            self.register_buffer("scales", sm, persistent=False)
         else:
-            if use_kernel is None:
-                use_kernel = q4kernel.supports(self.in_features, group_size) and q4kernel.load()
-            # Our int4 x int8 kernel where it is built, else torch's weight-only int4 kernel
-            # (an 8960x1536 layer, one row, fp32 on AVX2: 0.38 ms vs 13.4 ms for torch's;
-            # bench/quant_kernels.py).
-            self.kernel = use_kernel
-            if use_kernel:
-                qs, sm = q4kernel.pack(packed["qweight"], packed["scales"])
-                self.register_buffer("qweight", qs, persistent=False)
-                self.register_buffer("scales", sm, persistent=False)
-            else:
-                q = packed["qweight"].to(torch.int32)
-                self.register_buffer(
-                    "qweight",
-                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
-                    persistent=False,
-                )
-                self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
+            q = packed["qweight"].to(torch.int32)
+            self.register_buffer(
+                "qweight",
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+                persistent=False,
+            )
+            self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
 
     @staticmethod
     def quantize(weight: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
@@ -125,10 +130,12 @@ class QuantizedLinear(nn.Module):
         if rows > self.prefill_rows:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)
-        if self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        if self.kernel and self.mode == "int8":
+            y = qmatmul.int8_linear(flat, self.qweight, self.scales).to(x.dtype)
         elif self.kernel:
-            y = q4kernel.linear(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
+            y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
+        elif self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.qweight, self.group_size, self.scales

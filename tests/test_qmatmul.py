@@ -1,4 +1,4 @@
-"""The int4 x int8 decode kernel: layout, arithmetic and error bound against float references."""
+"""The int4/int8 x int8 kernels: layout, arithmetic and error bounds against float references."""
 
 import shutil
 
@@ -6,26 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from generation import q4kernel
-from generation.quant import QuantizedLinear, dequantize_int4, quantize_int4
+from generation import qmatmul
+from generation.quant import QuantizedLinear, dequantize_int4, quantize_int4, quantize_int8
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-    pytest.skip("the kernel needs an AVX2 CPU", allow_module_level=True)
+    pytest.skip("the kernels need an AVX2 CPU", allow_module_level=True)
 if shutil.which("c++") is None and shutil.which("g++") is None:
-    pytest.skip("no C++ compiler to build the kernel with", allow_module_level=True)
+    pytest.skip("no C++ compiler to build the kernels with", allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     # With a compiler and AVX2 present, a failed build is a bug, not a reason to skip.
-    assert q4kernel.load(), "the int4 kernel failed to build (see the log)"
+    assert qmatmul.load(), "the kernels failed to build (see the log)"
 
 
 def _weights(n=96, k=256, g=64, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k) * 0.05
     q, sz = quantize_int4(w, g)
-    qs, sm = q4kernel.pack(q, sz)
+    qs, sm = qmatmul.pack_int4(q, sz)
     return q, sz, qs, sm
 
 
@@ -50,11 +50,11 @@ def test_packed_layout_dequantizes_to_the_same_weights_as_quantize_int4():
     assert (ours - reference).abs().max() < 2e-3 * reference.abs().max()
 
 
-def test_kernel_equals_integer_arithmetic_on_int8_activations():
+def test_int4_kernel_equals_integer_arithmetic_on_int8_activations():
     g = 64
     q, _, qs, sm = _weights(g=g)
     x = torch.randn(5, 256)
-    y = q4kernel.linear(x, qs, sm, g)
+    y = qmatmul.int4_linear(x, qs, sm, g)
     xq, _ = _quantized_activations(x)
     n, k = q.shape
     scaled = (q.reshape(n, k // g, g).float() * sm[..., 0].float()[..., None]).reshape(n, k)
@@ -64,11 +64,11 @@ def test_kernel_equals_integer_arithmetic_on_int8_activations():
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_kernel_error_against_float_weights_stays_within_activation_rounding_bound(group):
+def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(group):
     q, _, qs, sm = _weights(n=64, k=512, g=group)
     x = torch.randn(3, 512)
     w = _float_weight(q, sm, group)
-    err = (q4kernel.linear(x, qs, sm, group) - x @ w.T).abs()
+    err = (qmatmul.int4_linear(x, qs, sm, group) - x @ w.T).abs()
     # each activation moves by at most half its block's step d = max|x| / 127
     _, d = _quantized_activations(x)
     bound = (d / 2) @ w.abs().reshape(64, -1, 32).sum(-1).T
@@ -78,31 +78,57 @@ def test_kernel_error_against_float_weights_stays_within_activation_rounding_bou
 
 def test_rows_are_computed_independently_for_every_tile_size():
     _, _, qs, sm = _weights()
+    q8, s8 = quantize_int8(torch.randn(96, 256))
     x = torch.randn(7, 256)  # one tile of 4 and one of 3
-    together = q4kernel.linear(x, qs, sm, 64)
-    alone = torch.cat([q4kernel.linear(x[i : i + 1], qs, sm, 64) for i in range(7)])
-    assert torch.equal(together, alone)
+    for fn in (
+        lambda v: qmatmul.int4_linear(v, qs, sm, 64),
+        lambda v: qmatmul.int8_linear(v, q8, s8),
+    ):
+        together = fn(x)
+        alone = torch.cat([fn(x[i : i + 1]) for i in range(7)])
+        assert torch.equal(together, alone)
+
+
+def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound():
+    torch.manual_seed(0)
+    w = torch.randn(80, 320) * 0.05
+    q8, s8 = quantize_int8(w)
+    x = torch.randn(3, 320)
+    y = qmatmul.int8_linear(x, q8, s8)
+    xq, d = _quantized_activations(x)
+    wq = q8.float() * s8[:, None]
+    assert torch.allclose(y, xq @ wq.T, atol=1e-4, rtol=1e-5)
+    err = (y - x @ wq.T).abs()
+    bound = (d / 2) @ wq.abs().reshape(80, -1, 32).sum(-1).T
+    assert (err <= bound + 1e-4).all() and err.max() > 0
 
 
 def test_kernel_rejects_a_group_that_does_not_divide_the_inputs():
     _, _, qs, sm = _weights()
     with pytest.raises(RuntimeError, match="group must be a multiple of 32"):
-        q4kernel.linear(torch.randn(1, 256), qs, sm, 48)
+        qmatmul.int4_linear(torch.randn(1, 256), qs, sm, 48)
 
 
-def test_quantized_linear_uses_the_kernel_and_agrees_with_torchs_int4_kernel():
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_linear_uses_our_kernel_and_agrees_with_torchs(mode):
     torch.manual_seed(0)
     dense = nn.Linear(256, 96)
     x = torch.randn(2, 256)
-    ours = QuantizedLinear(dense, "int4", group_size=64)
-    theirs = QuantizedLinear(dense, "int4", group_size=64, use_kernel=False)
+    ours = QuantizedLinear(dense, mode, group_size=64)
+    theirs = QuantizedLinear(dense, mode, group_size=64, use_kernel=False)
     assert ours.kernel and not theirs.kernel
     a, b = ours(x), theirs(x)
     assert a.dtype == x.dtype
     assert (a - b).abs().max() < 0.02 * b.abs().max()
 
 
-def test_kernel_takes_only_groups_of_whole_blocks_that_divide_the_inputs():
-    assert q4kernel.supports(256, 64) and q4kernel.supports(96, 32)
-    assert not q4kernel.supports(256, 48)  # not whole blocks of 32
-    assert not q4kernel.supports(96, 64)  # 64 does not divide 96
+def test_kernels_take_only_whole_blocks_that_divide_the_inputs():
+    assert qmatmul.supports_int4(256, 64) and qmatmul.supports_int4(96, 32)
+    assert not qmatmul.supports_int4(256, 48)  # not whole blocks of 32
+    assert not qmatmul.supports_int4(96, 64)  # 64 does not divide 96
+    assert qmatmul.supports_int8(96) and not qmatmul.supports_int8(100)
+    torch.manual_seed(0)
+    odd = QuantizedLinear(nn.Linear(100, 8), "int8")
+    assert not odd.kernel  # torch's kernel takes it instead
+    x = torch.randn(1, 100)
+    assert torch.allclose(odd(x), x @ odd.weight.T + odd.bias, atol=0.05)

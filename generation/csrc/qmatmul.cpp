@@ -1,4 +1,4 @@
-// int4-weight x int8-activation matrix-vector products for CPU decode steps (AVX2).
+// int4- and int8-weight x int8-activation matrix products for CPU decode steps (AVX2).
 //
 // torch's weight-only int4 kernel converts every weight to float before multiplying; on a
 // 2-core CPU that makes a decode step compute-bound at about half of llama.cpp's speed.
@@ -12,6 +12,7 @@
 //   sm [N, K/g, 2] fp16: per group of g inputs, scale s and minimum m: w = q * s + m
 // so  y[n] = sum_g ( s_g * sum_{k in g} q_k x_k  +  m_g * sum_{k in g} x_k ).
 // The first sum uses the int8 activations, the second the exact float activations.
+// int8 weights (q8_linear) are symmetric per output row: w = q * s_n, q in [-127, 127].
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -127,6 +129,74 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
   }
 }
 
+// int8 weights: rows [n0, n1) for activation rows [m0, m0 + MT).
+template <int MT>
+void dot_rows_q8(const int8_t* qw, const float* scales, const int8_t* xq, const float* dx,
+                 float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N, int64_t K) {
+  const int64_t nb = K / kBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = qw + n * K;
+    __m256 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * kBlock));
+      // maddubs wants one unsigned operand: |w| times x with w's sign (|127 * 127 * 2| < 2^15).
+      const __m256i w_abs = _mm256_sign_epi8(w, w);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + i) * K + b * kBlock));
+        const __m256i sums =
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, w)), ones);
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx[(m0 + i) * nb + b]), _mm256_cvtepi32_ps(sums),
+                                 acc[i]);
+      }
+    }
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = scales[n] * hsum(acc[i]);
+  }
+}
+
+// Splits output rows across intra-op threads and activation rows into tiles of up to 4.
+template <typename RowsFn>
+void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, n0, n1, m);
+    switch (M - m) {
+      case 3: rows(std::integral_constant<int, 3>{}, n0, n1, m); break;
+      case 2: rows(std::integral_constant<int, 2>{}, n0, n1, m); break;
+      case 1: rows(std::integral_constant<int, 1>{}, n0, n1, m); break;
+      default: break;
+    }
+  });
+}
+
+// x [M, K] float32, qw [N, K] int8, scales [N] float32 -> [M, N] float32.
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
+  TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
+              "qw must be int8 and scales float32");
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
+  TORCH_CHECK(qw.size(1) == K && scales.numel() == N, "weight shapes do not match K = ", K);
+  const at::Tensor xc = x.contiguous(), wc = qw.contiguous(), sc = scales.contiguous();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::empty({M, K / kBlock}, x.options());
+  at::Tensor xsum = at::empty({M, 1}, x.options());  // unused by int8: one group of K
+  at::Tensor y = at::empty({M, N}, x.options());
+  quantize_activations(xc.data_ptr<float>(), M, K, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+                       xsum.data_ptr<float>());
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float* dxp = dx.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
+    dot_rows_q8<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+  });
+  return y;
+}
+
 // x [M, K] float32, qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> [M, N] float32.
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& sm,
                      int64_t group) {
@@ -153,22 +223,20 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const float* dxp = dx.data_ptr<float>();
   const float* xsp = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Output rows are independent: split them across the intra-op threads.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dot_rows<4>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
-    switch (M - m) {
-      case 3: dot_rows<3>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group); break;
-      case 2: dot_rows<2>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group); break;
-      case 1: dot_rows<1>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group); break;
-      default: break;
-    }
+  for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
+    dot_rows<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
   });
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(ragqa_q4, m) { m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor"); }
+TORCH_LIBRARY(ragqa_qmatmul, m) {
+  m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(ragqa_q4, CPU, m) { m.impl("q4_linear", &q4_linear); }
+TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+}
