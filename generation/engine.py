@@ -70,26 +70,30 @@ def append_kv(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     buffer, the new positions are written in place and a longer view is returned. Any
     other tensor (a prefill's, a merged batch's, a cached prefix) is copied once into a
     new buffer, so no tensor this function did not allocate is ever written to.
+
+    The view names its buffer in an attribute: under torch.inference_mode() (where the
+    engine runs) views have no `_base`, so that cannot tell.
     """
-    base = t._base
     length, extra = t.shape[2], new.shape[2]
+    buf: torch.Tensor | None = getattr(t, "_ragqa_buffer", None)
     if (
-        base is not None
-        and getattr(base, "_ragqa_filled", -1) == length
-        and t.storage_offset() == base.storage_offset()
-        and t.stride() == base.stride()
-        and base.shape[:2] == t.shape[:2]
-        and base.shape[2] >= length + extra
+        buf is not None
+        and buf._ragqa_filled == length  # type: ignore[attr-defined]
+        and t.data_ptr() == buf.data_ptr()
+        and t.stride() == buf.stride()
+        and buf.shape[:2] == t.shape[:2]
+        and buf.shape[2] >= length + extra
     ):
-        base[:, :, length : length + extra] = new
-        base._ragqa_filled = length + extra  # type: ignore[attr-defined]
-        return base[:, :, : length + extra]
-    b, h, _, d = t.shape
-    buf = torch.empty(b, h, length + extra + KV_SLACK, d, dtype=t.dtype, device=t.device)
-    buf[:, :, :length] = t
-    buf[:, :, length : length + extra] = new
+        buf[:, :, length : length + extra] = new
+    else:
+        b, h, _, d = t.shape
+        buf = torch.empty(b, h, length + extra + KV_SLACK, d, dtype=t.dtype, device=t.device)
+        buf[:, :, :length] = t
+        buf[:, :, length : length + extra] = new
     buf._ragqa_filled = length + extra  # type: ignore[attr-defined]
-    return buf[:, :, : length + extra]
+    view = buf[:, :, : length + extra]
+    view._ragqa_buffer = buf  # type: ignore[attr-defined]
+    return view
 
 
 class _SlackLayer(DynamicLayer):

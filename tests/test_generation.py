@@ -95,9 +95,16 @@ def test_decode_attention_matches_sdpa_with_grouped_heads_and_left_padding():
     assert not torch.allclose(unmasked[1], ref[1], atol=1e-3)
 
 
-def test_kv_appends_in_place_only_into_buffers_it_allocated():
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_kv_appends_in_place_only_into_buffers_it_allocated(inference_mode):
     from generation.engine import KV_SLACK, append_kv
 
+    # The engine decodes under inference_mode, where views have no _base.
+    with torch.inference_mode(inference_mode):
+        _check_kv_append(KV_SLACK, append_kv)
+
+
+def _check_kv_append(KV_SLACK, append_kv):
     prefix = torch.randn(1, 2, 5, 4)
     before = prefix.clone()
     first = append_kv(prefix[:, :, :3], torch.ones(1, 2, 1, 4))  # a view of a foreign tensor
