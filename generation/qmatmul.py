@@ -57,7 +57,9 @@ def load() -> bool:
                 ok = hasattr(torch.ops.ragqa_qmatmul, "q4_linear")
             except Exception as exc:  # a missing compiler or ninja must not stop the service
                 logger.warning(
-                    "could not build the int4/int8 kernels (%s); using torch's kernels", exc
+                    "could not build the int4/int8 kernels (%s); using torch's kernels, which "
+                    "on CPUs without AVX-512 decode slower than RAGQA_QUANTIZATION=none",
+                    exc,
                 )
         _state["ok"] = ok
         return ok
