@@ -5,7 +5,8 @@ Usage: python bench/quant_kernels.py [--model 1.5b|0.5b] [--rows 1,4,16,600] [--
 For each weight shape of the Qwen2.5 1.5B (or 0.5B) layers and the vocabulary projection,
 times y = x @ W.T for x with `rows` rows: float (the model dtype, the baseline), torch's
 weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels (generation/qmatmul.py).
-Reports median milliseconds per call and ratios to the float baseline and to torch's int4.
+Reports median milliseconds per call and ratios of ragqa's kernels to the float baseline
+and to torch's kernel of the same width.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = choose_dtype(torch.device("cpu"))
     if not qmatmul.load():
-        raise SystemExit("the int4 decode kernel could not be built here (see the log)")
+        raise SystemExit("the int4/int8 kernels could not be built here (see the log)")
     g = args.group_size
     results: dict[str, dict[str, object]] = {}
     for name, (n, k) in SHAPES[args.model].items():

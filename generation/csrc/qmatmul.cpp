@@ -52,10 +52,11 @@ inline __m256i expand_nibbles(const uint8_t* p) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// x [M, K] float -> xq [M, K] int8, dx [M, K/32] (xq * dx ~ x), xsum [M, K/g] exact sums.
+// x [M, K] float -> xq [M, K] int8, dx [M, K/32] (xq * dx ~ x), xsum [M, K/g] exact sums
+// (xsum only when group > 0: int8 weights have no minimum term to feed).
 void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq,
                           float* dx, float* xsum) {
-  const int64_t nb = K / kBlock, ng = K / group;
+  const int64_t nb = K / kBlock, ng = group > 0 ? K / group : 0;
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
@@ -171,25 +172,37 @@ void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
   });
 }
 
+// The activations of one call, quantized once and read by every output row.
+struct QuantizedInput {
+  at::Tensor xq, dx, xsum;
+};
+
+QuantizedInput quantize_input(const at::Tensor& x, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
+  const at::Tensor xc = x.contiguous();
+  QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)),
+                    at::empty({M, K / kBlock}, x.options()),
+                    at::empty({M, group > 0 ? K / group : 0}, x.options())};
+  quantize_activations(xc.data_ptr<float>(), M, K, group, in.xq.data_ptr<int8_t>(),
+                       in.dx.data_ptr<float>(), in.xsum.data_ptr<float>());
+  return in;
+}
+
 // x [M, K] float32, qw [N, K] int8, scales [N] float32 -> [M, N] float32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
               "qw must be int8 and scales float32");
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
-  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   TORCH_CHECK(qw.size(1) == K && scales.numel() == N, "weight shapes do not match K = ", K);
-  const at::Tensor xc = x.contiguous(), wc = qw.contiguous(), sc = scales.contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, K / kBlock}, x.options());
-  at::Tensor xsum = at::empty({M, 1}, x.options());  // unused by int8: one group of K
+  const QuantizedInput in = quantize_input(x, 0);
+  const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  quantize_activations(xc.data_ptr<float>(), M, K, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                       xsum.data_ptr<float>());
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* dxp = dx.data_ptr<float>();
+  const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const float* dxp = in.dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
     dot_rows_q8<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
@@ -200,28 +213,21 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
 // x [M, K] float32, qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> [M, N] float32.
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& sm,
                      int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   TORCH_CHECK(qs.scalar_type() == at::kByte && sm.scalar_type() == at::kHalf,
               "qs must be uint8 and sm float16");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(group % kBlock == 0 && K % group == 0,
+  TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0,
               "group must be a multiple of 32 dividing K, got group ", group, " and K ", K);
   TORCH_CHECK(qs.size(1) * 2 == K && sm.size(0) == N && sm.size(1) == K / group,
               "weight shapes do not match K = ", K);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor qc = qs.contiguous();
-  const at::Tensor sc = sm.contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, K / kBlock}, x.options());
-  at::Tensor xsum = at::empty({M, K / group}, x.options());
+  const QuantizedInput in = quantize_input(x, group);
+  const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  quantize_activations(xc.data_ptr<float>(), M, K, group, xq.data_ptr<int8_t>(),
-                       dx.data_ptr<float>(), xsum.data_ptr<float>());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* dxp = dx.data_ptr<float>();
-  const float* xsp = xsum.data_ptr<float>();
+  const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const float* dxp = in.dx.data_ptr<float>();
+  const float* xsp = in.xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
     dot_rows<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
