@@ -20,13 +20,8 @@ from app.citations import Citation, MarkerFilter, cite, looks_like_refusal
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.scheduler import Scheduler
-from retrieval.prompt import (
-    REFUSAL,
-    build_prompt,
-    check_messages,
-    condense_messages,
-    language_of,
-)
+from retrieval.answerable import check_messages, evidence_sentences
+from retrieval.prompt import REFUSAL, build_prompt, condense_messages, language_of
 from retrieval.retriever import Passage, RetrievalResult, Retriever
 
 logger = logging.getLogger(__name__)
@@ -105,6 +100,7 @@ class Answerer:
         self.answerable_threshold = answerable_threshold
         self.max_context_tokens = max_context_tokens
         self._prefix_len: dict[str, int] = {}
+        self._check_prefix: int | None = None
 
     def count_tokens(self, text: str) -> int:
         return len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -131,6 +127,16 @@ class Answerer:
                 n += 1
             self._prefix_len[lang] = n
         return self._prefix_len[lang]
+
+    def check_prefix(self) -> int:
+        """Tokens shared by every answerability check (system turn and examples)."""
+        if self._check_prefix is None:
+            a = self.engine.chat_ids(check_messages("a", "a"))
+            b = self.engine.chat_ids(check_messages("b", "b"))
+            self._check_prefix = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), 0
+            )
+        return self._check_prefix
 
     async def _standalone(self, inp: AskInput, lang: str) -> str:
         if not inp.history:
@@ -184,23 +190,21 @@ class Answerer:
         )
         ids = self.engine.chat_ids(prompt.messages)
         prefix = self._cache_prefix(ids, prompt.messages[0]["content"], lang)
-        if self.answerable_threshold > 0:
-            # Small models answer questions the passages do not answer. Asking the model a
-            # yes/no question first costs one prefill, and its KV state (everything up to
-            # the question) is reused by the answer, so the answer's prefill is nearly free.
-            check_ids = self.engine.chat_ids(check_messages(prompt))
-            common = next(
-                (i for i, (a, b) in enumerate(zip(ids, check_ids, strict=False)) if a != b),
-                min(len(ids), len(check_ids)),
-            )
+        if self.answerable_threshold > 0 and lang == "en":
+            # English only: the threshold was set on SQuAD 2.0; there is no Chinese data
+            # with unanswerable questions to set one on, and on CMRC the model already
+            # refuses answerable Chinese questions too often.
+            evidence = evidence_sentences(query, prompt.passages)
+            check_ids = self.engine.chat_ids(check_messages(query, evidence))
             p_yes = await run_in_threadpool(
                 self.scheduler.call,
                 lambda: self.engine.choice_probability(
-                    check_ids, ["Yes", "yes"], ["No", "no"], cache_prefix_len=common
+                    check_ids, ["Yes", "yes"], ["No", "no"], cache_prefix_len=self.check_prefix()
                 ),
             )
             if inp.debug:
                 debug["answerable_p"] = round(p_yes, 4)
+                debug["evidence"] = evidence
             if p_yes < self.answerable_threshold:
                 async for ev in self._refuse(
                     lang, t0, timings, debug, len(check_ids), 0, "not_answerable"

@@ -2,6 +2,7 @@
 
 Usage: python bench/eval_qa.py DIR [--limit N] [--seed S] [--generator NAME] [--out FILE]
                               [--url http://host:port] [--embedder NAME] [--top-k K]
+                              [--concurrency N]
 
 DIR holds questions.jsonl and docs.jsonl (schema in shared/eval/README.md). The docs are
 ingested into a temporary data dir and every question is asked in-process through the
@@ -110,6 +111,40 @@ def ask_http(url: str, question: str, top_k: int, max_tokens: int) -> dict:
     return out
 
 
+async def ask_all(
+    answerer: Answerer | None,
+    url: str | None,
+    questions: list[dict],
+    top_k: int,
+    max_tokens: int,
+    concurrency: int,
+) -> list[dict]:
+    """Every question's reply, in order, with up to `concurrency` questions in flight.
+
+    Concurrent questions share decode steps (continuous batching), so the run is shorter;
+    their latencies then include waiting for each other.
+    """
+    gate = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(q: dict) -> dict:
+        nonlocal done
+        async with gate:
+            if answerer is not None:
+                out = await ask_in_process(answerer, q["question"], top_k, max_tokens)
+            else:
+                assert url is not None
+                out = await asyncio.to_thread(ask_http, url, q["question"], top_k, max_tokens)
+        done += 1
+        sys.stderr.write(
+            f"[{done}/{len(questions)}] {'R' if out['refused'] else 'A'} "
+            f"{q['question'][:60]!r} -> {out['answer'][:80]!r}\n"
+        )
+        return out
+
+    return list(await asyncio.gather(*(one(q) for q in questions)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir", type=Path)
@@ -120,6 +155,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--url", default=None)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="Questions in flight at once (latencies then include queueing).",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
@@ -182,18 +223,19 @@ def main() -> None:
             scheduler=services.extras["scheduler"],
         )
     per_question = []
-    for q in questions:
-        if answerer is not None:
-            out = asyncio.run(ask_in_process(answerer, q["question"], top_k, args.max_tokens))
-        else:
-            out = ask_http(args.url, q["question"], top_k, args.max_tokens)
+    replies = asyncio.run(
+        ask_all(answerer, args.url, questions, top_k, args.max_tokens, args.concurrency)
+    )
+    for q, out in zip(questions, replies, strict=True):
         gold_docs = set(q.get("gold_doc_ids") or [])
         answerable = bool(q["answers"])
         cited = []
         for c in out.get("citations", []):
             sid = source_of.get(c["document_id"], c.get("filename", "").removesuffix(".txt"))
             good = sid in gold_docs or (answerable and is_correct(c["text"], q["answers"], "any"))
-            cited.append({"doc": sid, "page": c.get("page"), "ok": good})
+            cited.append(
+                {"doc": sid, "page": c.get("page"), "chunk_id": c.get("chunk_id"), "ok": good}
+            )
         retrieved = [
             source_of.get(p["document_id"], p.get("filename", "").removesuffix(".txt"))
             for p in out.get("retrieved", [])
@@ -215,13 +257,10 @@ def main() -> None:
                 "gold_in_top_k": bool(gold_docs & set(retrieved[:top_k])) if gold_docs else None,
                 "max_dense": out.get("max_dense"),
                 "answerable_p": out.get("answerable_p"),
+                "refusal_check_evidence": out.get("evidence"),
                 "ttft_s": out["timings"].get("ttft_ms", 0) / 1000,
                 "total_s": out["timings"].get("total_ms", 0) / 1000,
             }
-        )
-        sys.stderr.write(
-            f"[{len(per_question)}/{len(questions)}] {'R' if out['refused'] else 'A'} "
-            f"{'ok' if correct else '--'} {q['question'][:60]!r} -> {out['answer'][:80]!r}\n"
         )
 
     answerable = [p for p in per_question if p["answerable"]]
@@ -253,6 +292,7 @@ def main() -> None:
         "answerable_threshold": settings.answerable_threshold,
         "limit": args.limit,
         "seed": args.seed,
+        "concurrency": args.concurrency,
         "per_question": per_question,
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)

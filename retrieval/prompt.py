@@ -107,23 +107,6 @@ def build_prompt(
     return BuiltPrompt(messages=messages, passages=given, lang=lang)
 
 
-CHECK = {
-    "en": "\n\nBefore answering: do the passages above explicitly state the answer to this "
-    "question? Reply with Yes or No only.",
-    "zh": "\n\n回答之前请先判断：上面的资料是否明确给出了这个问题的答案？只回答 Yes 或 No。",
-}
-
-
-def check_messages(prompt: BuiltPrompt) -> list[dict[str, str]]:
-    """The answer prompt with a yes/no answerability question appended to the user turn.
-
-    It shares every token up to the end of the question with the answer prompt, so the
-    KV state computed for the check is reused when the answer is generated.
-    """
-    system, user = prompt.messages
-    return [system, {"role": "user", "content": user["content"] + CHECK[prompt.lang]}]
-
-
 CONDENSE = {
     "en": (
         "Rewrite the user's last question as one standalone question that can be understood "

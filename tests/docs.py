@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import io
 
+from retrieval.retriever import Passage
+
+
+def passage(n: int, text: str, *, page: int | None = None) -> Passage:
+    """A retrieved passage `n` (chunk and document id n) holding `text`."""
+    return Passage(
+        chunk_id=n,
+        document_id=n,
+        filename=f"f{n}.txt",
+        title=None,
+        page=page,
+        heading_path=None,
+        char_start=0,
+        char_end=len(text),
+        text=text,
+        score=1.0,
+    )
+
 
 def pdf_bytes(pages: list[str], *, title: str | None = None) -> bytes:
     from reportlab.lib.pagesizes import A4

@@ -1,22 +1,11 @@
 """The service's citation guarantees, independent of what the model writes."""
 
 from app.citations import MarkerFilter, cite, clean_markers, looks_like_refusal
-from retrieval.retriever import Passage
+from tests.docs import passage
 
 
 def _p(n, text):
-    return Passage(
-        chunk_id=n,
-        document_id=n,
-        filename=f"f{n}.txt",
-        title=None,
-        page=n,
-        heading_path=None,
-        char_start=0,
-        char_end=len(text),
-        text=text,
-        score=1.0,
-    )
+    return passage(n, text, page=n)
 
 
 PASSAGES = [
