@@ -251,11 +251,13 @@ class Answerer:
             ):
                 yield ev
             return
-        text, citations = cite(raw, prompt.passages)
+        text, citations = cite(raw, prompt.passages, query)
         refused = not citations or not text
         reason = "unsupported" if refused else None
         if refused:
             text = REFUSAL[lang]
+        if inp.debug:
+            debug["raw_answer"] = raw  # the model's own text, before markers were checked
         timings["ttft_ms"] = round(ttft_ms or 0.0, 1)
         yield AnswerEvent(
             "citations",

@@ -2,8 +2,10 @@
 
 `MarkerFilter` cleans the model's text as it streams: `[n]` markers that name a passage
 that was given pass (normalised), all others are removed before anything is sent.
-`cite()` maps the markers of the final text to passages; when the model wrote none, each
-sentence is attached to the passage that shares most of its terms (`inferred`).
+`cite()` maps the markers of the final text to passages. A marker must name a passage
+that holds what its sentence claims (its terms beyond the question's); a wrong one is
+pointed at the passage that does, and when the model wrote none, each sentence is
+attached to that passage (both `inferred`).
 """
 
 from __future__ import annotations
@@ -103,52 +105,82 @@ def cited_numbers(text: str) -> list[int]:
     return list(seen)
 
 
-def infer_citations(text: str, passages: list[Passage], min_overlap: float = 0.5) -> list[int]:
-    """For each sentence, the passage sharing the largest share of its terms (if enough)."""
+def _claim(sentence: str, question_terms: set[str]) -> set[str]:
+    """The terms a sentence asserts beyond restating the question (all its terms if none)."""
+    words = set(tokenize(_MARKER.sub(" ", sentence)))
+    return (words - question_terms) or words
+
+
+def _support(claim: set[str], terms: list[set[str]]) -> list[float]:
+    """Share of `claim` found in each passage's terms."""
+    return [len(claim & t) / len(claim) for t in terms]
+
+
+def infer_citations(
+    text: str, passages: list[Passage], question: str = "", min_support: float = 0.5
+) -> list[int]:
+    """For each sentence, the passage holding the largest share of its claim (if enough)."""
     terms = [set(tokenize(p.text)) for p in passages]
+    question_terms = set(tokenize(question))
     chosen: dict[int, None] = {}
     for sentence in _SENTENCE.findall(text):
-        words = set(tokenize(sentence))
-        if len(words) < 2:
+        if len(set(tokenize(sentence))) < 2:
             continue
-        best, best_share = -1, 0.0
-        for i, passage_terms in enumerate(terms):
-            share = len(words & passage_terms) / len(words)
-            if share > best_share:
-                best, best_share = i, share
-        if best >= 0 and best_share >= min_overlap:
+        support = _support(_claim(sentence, question_terms), terms)
+        best = max(range(len(support)), key=lambda i: support[i], default=-1)
+        if best >= 0 and support[best] >= min_support:
             chosen[best + 1] = None
     return list(chosen)
 
 
-def verify_markers(text: str, passages: list[Passage]) -> str:
-    """Drop markers whose passage shares no term with the sentence that cites it.
+def verify_markers(text: str, passages: list[Passage], question: str = "") -> tuple[str, set[int]]:
+    """Keep the markers whose passage supports what their sentence claims.
 
-    Small models often cite a passage number at random; a sentence and the passage it
-    rests on always share some words (names, numbers, terms).
+    A sentence's claim is its terms minus the question's: an answer restates the question,
+    so sharing the question's words says nothing about where the answer came from. A
+    marker stays when its passage holds half the claim, or as much of it as any given
+    passage does. Small models often cite a number at random: when none of a sentence's
+    markers stays and another passage holds half its claim, the first marker is pointed
+    there. Returns the text and the numbers only such re-pointing put in it.
     """
     terms = [set(tokenize(p.text)) for p in passages]
+    question_terms = set(tokenize(question))
     out: list[str] = []
+    kept: set[int] = set()
+    moved: set[int] = set()
     for sentence in re.split(r"(?<=[。！？.!?\n])", text):
-        words = set(tokenize(_MARKER.sub(" ", sentence)))
-        if not words:
+        claim = _claim(sentence, question_terms)
+        if not claim or not _MARKER.search(sentence):
             out.append(sentence)
             continue
+        support = _support(claim, terms)
+        best = max(support)
+        ok = {i + 1 for i, x in enumerate(support) if x > 0 and (x >= 0.5 or x >= best)}
 
-        def keep(match: re.Match[str], words: set[str] = words) -> str:
-            nums = [n for n in _numbers(match.group(1)) if words & terms[n - 1]]
+        def keep(match: re.Match[str], ok: set[int] = ok) -> str:
+            nums = [n for n in _numbers(match.group(1)) if n in ok]
+            kept.update(nums)
             return "".join(f"[{n}]" for n in nums)
 
-        out.append(_MARKER.sub(keep, sentence))
-    return "".join(out)
+        checked = _MARKER.sub(keep, sentence)
+        if not _MARKER.search(checked) and best >= 0.5:
+            target = support.index(best) + 1
+            moved.add(target)
+            first = _MARKER.search(sentence)
+            assert first is not None
+            rest = _MARKER.sub("", sentence[first.end() :])
+            checked = f"{sentence[: first.start()]}[{target}]{rest}"
+        out.append(checked)
+    return "".join(out), moved - kept
 
 
-def cite(text: str, passages: list[Passage]) -> tuple[str, list[Citation]]:
+def cite(text: str, passages: list[Passage], question: str = "") -> tuple[str, list[Citation]]:
     """Final text (markers cleaned and verified) and its citations, in order of mention."""
     text = clean_markers(text, len(passages)).strip()
-    text = verify_markers(text, passages)
+    text, moved = verify_markers(text, passages, question)
     numbers = [n for n in cited_numbers(text) if 1 <= n <= len(passages)]
     if numbers:
-        return text, [Citation(n, passages[n - 1]) for n in numbers]
-    inferred = infer_citations(text, passages)
+        # A marker the service pointed elsewhere is its inference, not the model's.
+        return text, [Citation(n, passages[n - 1], inferred=n in moved) for n in numbers]
+    inferred = infer_citations(text, passages, question)
     return text, [Citation(n, passages[n - 1], inferred=True) for n in inferred]

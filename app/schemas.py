@@ -169,7 +169,13 @@ class AskResponse(BaseModel):
     citations: list[CitationPublic]
     usage: Usage
     timings: dict[str, float]
+    # Only with "debug": true.
     retrieved: list[dict[str, Any]] | None = None
+    query: str | None = Field(None, description="The question as searched (after condensing).")
+    max_dense: float | None = Field(None, description="Best cosine among dense candidates.")
+    answerable_p: float | None = Field(None, description="The answerability check's P(yes).")
+    evidence: str | None = Field(None, description="The sentences the check was asked about.")
+    raw_answer: str | None = Field(None, description="The model's text before marker checks.")
 
 
 class ChatMessage(BaseModel):

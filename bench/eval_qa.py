@@ -258,6 +258,7 @@ def main() -> None:
                 "max_dense": out.get("max_dense"),
                 "answerable_p": out.get("answerable_p"),
                 "refusal_check_evidence": out.get("evidence"),
+                "raw_answer": out.get("raw_answer"),
                 "ttft_s": out["timings"].get("ttft_ms", 0) / 1000,
                 "total_s": out["timings"].get("total_ms", 0) / 1000,
             }

@@ -79,8 +79,13 @@ def test_citations_point_to_the_right_document_and_page(server):
     assert {"retrieve_ms", "ttft_ms", "total_ms"} <= body["timings"].keys()
     top = body["retrieved"][0]
     assert top["document_id"] == server.doc_ids[0] and top["page"] == 2
+    # debug also shows the searched question and the dense evidence over HTTP
+    assert body["query"] == "What does the Zorblax engine run on?"
+    assert 0.3 <= body["max_dense"] <= 1.0
     if body["refused"]:
         assert body["answer"] == REFUSAL_EN and body["citations"] == []
+    if body["citations"]:
+        assert body["raw_answer"]  # the model's text before the service checked its markers
     for c in body["citations"]:
         # every citation names a passage that was retrieved and given
         assert c["chunk_id"] in {p["chunk_id"] for p in body["retrieved"]}

@@ -35,6 +35,31 @@ def test_citation_to_a_passage_sharing_no_words_with_its_sentence_is_dropped():
     assert "[2]" not in text
 
 
+SYRIA = [
+    _p(1, "The Syrian Civil War is a conflict in Syria between many armed groups."),
+    _p(2, "Protests in March 2011 started the Syrian Civil War."),
+]
+SYRIA_Q = "When did the Syrian Civil War begin?"
+
+
+def test_citation_sharing_only_the_questions_words_is_pointed_at_the_passage_with_the_claim():
+    text, citations = cite("The Syrian Civil War began in March 2011 [1].", SYRIA, SYRIA_Q)
+    # [1] shares "Syrian Civil War" with the sentence, but only [2] holds "March 2011".
+    assert text == "The Syrian Civil War began in March 2011 [2]."
+    assert [(c.number, c.inferred) for c in citations] == [(2, True)]
+
+
+def test_citation_to_the_passage_holding_the_claim_is_kept_as_the_models():
+    text, citations = cite("It began in March 2011 [2][1].", SYRIA, SYRIA_Q)
+    assert text == "It began in March 2011 [2]."
+    assert [(c.number, c.inferred) for c in citations] == [(2, False)]
+
+
+def test_answer_without_markers_is_attached_to_the_passage_holding_its_claim():
+    _, citations = cite("The Syrian Civil War began in March 2011.", SYRIA, SYRIA_Q)
+    assert [(c.number, c.inferred) for c in citations] == [(2, True)]
+
+
 def test_answer_without_markers_gets_inferred_citations():
     _, citations = cite("Bees dance to show where the flowers are.", PASSAGES)
     assert [(c.number, c.inferred) for c in citations] == [(2, True)]
