@@ -95,6 +95,7 @@ class Citation:
 
 
 _SENTENCE = re.compile(r"[^。！？.!?\n]+[。！？.!?]*")
+_EDGE = re.compile(r"^[\s\"'“”‘’「」《》()（）]+|[\s\"'“”‘’「」《》()（）。！？.!?,，;；:：]+$")
 
 
 def cited_numbers(text: str) -> list[int]:
@@ -116,6 +117,14 @@ def _support(claim: set[str], terms: list[set[str]]) -> list[float]:
     return [len(claim & t) / len(claim) for t in terms]
 
 
+def _quoted_in(sentence: str, passages: list[Passage]) -> int | None:
+    """The number of the first passage containing `sentence` word for word (2+ chars)."""
+    core = _EDGE.sub("", _MARKER.sub("", sentence))
+    if len(core) < 2:
+        return None
+    return next((i + 1 for i, p in enumerate(passages) if core in p.text), None)
+
+
 def infer_citations(
     text: str, passages: list[Passage], question: str = "", min_support: float = 0.5
 ) -> list[int]:
@@ -124,7 +133,15 @@ def infer_citations(
     question_terms = set(tokenize(question))
     chosen: dict[int, None] = {}
     for sentence in _SENTENCE.findall(text):
-        if len(set(tokenize(sentence))) < 2:
+        words = set(tokenize(sentence))
+        if not words:
+            continue
+        if len(words) == 1:
+            # A bare answer ("锣鼓点", "1966"): one shared term is too weak a link, so
+            # only a passage that holds it verbatim supports it.
+            quoted = _quoted_in(sentence, passages)
+            if quoted:
+                chosen[quoted] = None
             continue
         support = _support(_claim(sentence, question_terms), terms)
         best = max(range(len(support)), key=lambda i: support[i], default=-1)

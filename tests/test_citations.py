@@ -70,6 +70,26 @@ def test_unsupported_answer_gets_no_citation():
     assert citations == []
 
 
+GONGS = [
+    _p(1, "戏曲锣鼓是戏曲音乐的重要组成部分。"),
+    _p(2, "锣鼓经常用的节奏型称为锣鼓点，由鼓师指挥。"),
+]
+GONGS_Q = "锣鼓经常用的节奏型称为什么？"
+
+
+def test_bare_answer_quoted_from_a_passage_is_attached_to_that_passage():
+    text, citations = cite("锣鼓点", GONGS, GONGS_Q)
+    assert text == "锣鼓点"
+    assert [(c.number, c.inferred) for c in citations] == [(2, True)]
+    _, citations = cite("“1966”.", [_p(1, "Independence came in 1966.")], "When?")
+    assert [c.number for c in citations] == [1]
+
+
+def test_bare_answer_found_in_no_passage_or_of_one_character_gets_no_citation():
+    assert cite("鲸鱼", GONGS, GONGS_Q)[1] == []
+    assert cite("鼓", GONGS, GONGS_Q)[1] == []
+
+
 def test_refusal_phrases_in_english_and_chinese_are_recognised():
     assert looks_like_refusal("The passages do not contain information about that.")
     assert looks_like_refusal("根据资料无法回答该问题。")
