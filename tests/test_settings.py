@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.settings import ApiKeys, Settings
+from app.wiring import answerable_threshold
 
 
 def test_settings_read_ragqa_environment_variables(monkeypatch, tmp_path):
@@ -69,3 +70,16 @@ def test_non_loopback_bind_needs_keys_or_explicit_insecure(
     else:
         with pytest.raises(ValueError, match="RAGQA_ALLOW_INSECURE"):
             s.check_bind_allowed()
+
+
+def test_answerability_threshold_defaults_to_the_one_measured_for_the_generator(
+    monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAGQA_ANSWERABLE_THRESHOLD", raising=False)
+    assert answerable_threshold(Settings(generator="qwen2.5-coder-1.5b-instruct")) == 0.65
+    # never measured for the 0.5B (or a local folder): the check is off
+    assert answerable_threshold(Settings(generator="qwen2.5-coder-0.5b-instruct")) == 0.0
+    assert answerable_threshold(Settings(generator=str(tmp_path))) == 0.0
+    monkeypatch.setenv("RAGQA_ANSWERABLE_THRESHOLD", "0.4")
+    assert answerable_threshold(Settings(generator="qwen2.5-coder-0.5b-instruct")) == 0.4
