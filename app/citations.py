@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from retrieval.analyze import tokenize
+from retrieval.analyze import is_chinese, tokenize
 from retrieval.retriever import Passage
 
 # [1], [1, 2], [1-3], 【1】, [Passage 1], [资料1]
@@ -122,7 +122,9 @@ def _quoted_in(sentence: str, passages: list[Passage]) -> int | None:
     core = _EDGE.sub("", _MARKER.sub("", sentence))
     if len(core) < 2:
         return None
-    return next((i + 1 for i, p in enumerate(passages) if core in p.text), None)
+    # Chinese has no word boundaries; elsewhere "1966" must not match inside "19660".
+    found = re.compile(re.escape(core) if is_chinese(core) else rf"(?<!\w){re.escape(core)}(?!\w)")
+    return next((i + 1 for i, p in enumerate(passages) if found.search(p.text)), None)
 
 
 def infer_citations(

@@ -88,6 +88,7 @@ def test_bare_answer_quoted_from_a_passage_is_attached_to_that_passage():
 def test_bare_answer_found_in_no_passage_or_of_one_character_gets_no_citation():
     assert cite("鲸鱼", GONGS, GONGS_Q)[1] == []
     assert cite("鼓", GONGS, GONGS_Q)[1] == []
+    assert cite("1966", [_p(1, "The code 19660 was assigned.")], "When?")[1] == []
 
 
 def test_refusal_phrases_in_english_and_chinese_are_recognised():
