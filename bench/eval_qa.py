@@ -2,12 +2,17 @@
 
 Usage: python bench/eval_qa.py DIR [--limit N] [--seed S] [--generator NAME] [--out FILE]
                               [--url http://host:port] [--embedder NAME] [--top-k K]
-                              [--concurrency N]
+                              [--concurrency N] [--quantization MODE] [--baseline FILE]
 
 DIR holds questions.jsonl and docs.jsonl (schema in shared/eval/README.md). The docs are
 ingested into a temporary data dir and every question is asked in-process through the
 same answer pipeline the API uses (or over HTTP with --url, against an already loaded
 server). Prints JSON, then a markdown table on stderr.
+
+--baseline FILE compares with an earlier run's --out JSON over the same questions: how many
+raw answers are identical (the quantization issue's "greedy output identical" measure) and
+the accuracy difference. Run both with --concurrency 1: batched decode steps sum in a
+different order from single ones, so two unquantized runs at --concurrency 4 can differ.
 """
 
 from __future__ import annotations
@@ -145,6 +150,51 @@ async def ask_all(
     return list(await asyncio.gather(*(one(q) for q in questions)))
 
 
+def _output(p: dict) -> str | None:
+    return p["raw_answer"] if p["raw_answer"] is not None else p["refusal_reason"]
+
+
+def compare_with_baseline(per_question: list[dict], base: dict) -> dict[str, Any]:
+    """How far this run's answers are from `base` (an earlier run's JSON) on the same ids.
+
+    Two answers are identical when the model's raw text is; a model refusal keeps no raw
+    text (the stream stops at the refusing sentence), so two model refusals count as one
+    and the same output.
+
+    `identical_generated` counts only questions both runs sent to the generator: a question
+    the answerability check refuses before generating is identical in both runs whatever
+    the decoding, so it would flatter the overall `identical` figure.
+    """
+    before = {p["id"]: p for p in base["per_question"]}
+    missing = [p["id"] for p in per_question if p["id"] not in before]
+    if missing:
+        raise SystemExit(
+            f"--baseline {base.get('dataset')!r} lacks {len(missing)} of these questions "
+            f"(first: {missing[0]!r}); run both with the same --limit and --seed"
+        )
+    pairs = [(p, before[p["id"]]) for p in per_question]
+    generated = [
+        (a, b)
+        for a, b in pairs
+        if "not_answerable" not in (a["refusal_reason"], b["refusal_reason"])
+    ]
+    answerable = [(a, b) for a, b in pairs if a["answerable"]]
+    acc = sum(a["correct"] for a, _ in answerable) / len(answerable) if answerable else None
+    base_acc = sum(b["correct"] for _, b in answerable) / len(answerable) if answerable else None
+    same = {a["id"] for a, b in pairs if _output(a) == _output(b)}
+    return {
+        "quantization": base.get("quantization", "none"),
+        "identical": round(len(same) / len(pairs), 4) if pairs else None,
+        "identical_generated": round(sum(a["id"] in same for a, _ in generated) / len(generated), 4)
+        if generated
+        else None,
+        "generated_in_both": len(generated),
+        "answer_accuracy": None if base_acc is None else round(base_acc, 4),
+        "accuracy_change_points": None if acc is None else round((acc - base_acc) * 100, 2),
+        "changed_ids": [a["id"] for a, _ in pairs if a["id"] not in same],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir", type=Path)
@@ -165,6 +215,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
     parser.add_argument("--answerable-threshold", type=float, default=None)
+    parser.add_argument("--quantization", choices=["none", "int8", "int4"], default=None)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="An earlier run's --out JSON to compare answers with (same questions).",
+    )
     parser.add_argument(
         "--retrieval-only",
         action="store_true",
@@ -179,7 +236,14 @@ def main() -> None:
         "data_dir": args.data_dir or Path(tempfile.mkdtemp(prefix="ragqa-eval-qa-")),
         "max_upload_mb": 1000,
     }
-    parser_keys = ("generator", "embedder", "refusal_threshold", "top_k", "answerable_threshold")
+    parser_keys = (
+        "generator",
+        "embedder",
+        "refusal_threshold",
+        "top_k",
+        "answerable_threshold",
+        "quantization",
+    )
     for key in parser_keys:
         value = getattr(args, key)
         if value is not None:
@@ -223,9 +287,16 @@ def main() -> None:
             scheduler=services.extras["scheduler"],
         )
     per_question = []
-    replies = asyncio.run(
-        ask_all(answerer, args.url, questions, top_k, args.max_tokens, args.concurrency)
-    )
+    try:
+        replies = asyncio.run(
+            ask_all(answerer, args.url, questions, top_k, args.max_tokens, args.concurrency)
+        )
+    finally:
+        # A refused answer leaves its request's last step running on the model thread; a
+        # daemon thread still inside torch when the interpreter exits aborts the process
+        # ("terminate called without an active exception", exit -6). Stopping joins it.
+        if answerer is not None:
+            answerer.scheduler.stop()
     for q, out in zip(questions, replies, strict=True):
         gold_docs = set(q.get("gold_doc_ids") or [])
         answerable = bool(q["answers"])
@@ -291,11 +362,15 @@ def main() -> None:
         "top_k": top_k,
         "refusal_threshold": settings.refusal_threshold,
         "answerable_threshold": answerable_threshold(settings),
+        "quantization": settings.quantization,
         "limit": args.limit,
         "seed": args.seed,
         "concurrency": args.concurrency,
         "per_question": per_question,
     }
+    if args.baseline is not None:
+        base = json.loads(args.baseline.read_text(encoding="utf-8"))
+        result["baseline"] = compare_with_baseline(per_question, base)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

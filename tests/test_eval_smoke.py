@@ -114,3 +114,55 @@ def test_eval_qa_scores_answers_and_refusals_on_a_tiny_dataset(tmp_path):
     # Both questions were in flight at once; the report keeps the questions' order.
     assert [p["id"] for p in result["per_question"]] == ["a1", "u1"]
     assert result["concurrency"] == 2
+
+
+def _eval_qa_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import eval_qa
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return eval_qa
+
+
+def _answer(qid: str, raw: str | None, reason: str | None, correct: bool) -> dict:
+    return {
+        "id": qid,
+        "answerable": True,
+        "raw_answer": raw,
+        "refused": reason is not None,
+        "refusal_reason": reason,
+        "correct": correct,
+    }
+
+
+def test_eval_baseline_comparison_counts_identical_outputs_apart_from_check_refusals():
+    eval_qa = _eval_qa_module()
+    base = {
+        "quantization": "none",
+        "per_question": [
+            _answer("a", "Paris [1].", None, True),
+            _answer("b", "In 1966 [2].", None, True),
+            _answer("c", None, "model_refused", False),
+            _answer("d", None, "not_answerable", False),
+        ],
+    }
+    now = [
+        _answer("a", "Paris [1].", None, True),
+        _answer("b", "In 1967 [2].", None, False),
+        _answer("c", None, "model_refused", False),
+        _answer("d", None, "not_answerable", False),
+    ]
+    out = eval_qa.compare_with_baseline(now, base)
+    assert out["identical"] == 0.75
+    # d was refused by the answerability check in both runs: no decoding to compare.
+    assert out["generated_in_both"] == 3 and out["identical_generated"] == 0.6667
+    assert out["changed_ids"] == ["b"]
+    assert out["answer_accuracy"] == 0.5 and out["accuracy_change_points"] == -25.0
+
+
+def test_eval_baseline_comparison_rejects_a_baseline_of_other_questions():
+    eval_qa = _eval_qa_module()
+    base = {"dataset": "squad", "per_question": [_answer("a", "x", None, True)]}
+    with pytest.raises(SystemExit, match="lacks 1 of these questions"):
+        eval_qa.compare_with_baseline([_answer("z", "x", None, True)], base)
