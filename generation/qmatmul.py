@@ -97,5 +97,5 @@ def int4_linear(
 
 
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype), qw [N, K] int8, scales [N] float32 -> [M, N] float32."""
+    """x [M, K] (any float dtype), qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_linear(x.float(), qw, scales)

@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 linear layers for CPU decoding, with an on-disk cache.
 
 Decoding on a CPU is bound by the bytes of weights read per token, so decode steps use
-packed weights: int8 per output channel or int4 per group, multiplied by ragqa's
+packed weights: int8 per block of 32 inputs or int4 per group, multiplied by ragqa's
 int8-activation kernels (`qmatmul.py`) or, where those cannot be built, torch's. Those
 kernels are built for a few rows at a time and lose to a float matmul on a long prefill,
 so each layer also keeps its float weight and uses it when a call has more than
@@ -28,11 +28,36 @@ MODES = ("none", "int8", "int4")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (int8 [N, K], scales [N]) with symmetric per-channel scales."""
+    """weight [N, K] -> (int8 [N, K], scales [N]) with symmetric per-channel scales.
+
+    The layout of torch's weight-only int8 kernel, used where ragqa's cannot be built.
+    """
     w = weight.float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
     q = torch.clamp(torch.round(w / scales[:, None]), -128, 127).to(torch.int8)
     return q, scales
+
+
+def quantize_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 [N, K], scales [N, K/32] float16), symmetric per block of 32.
+
+    The scale is rounded to float16 before dividing, so q * scale is exactly what the
+    kernel multiplies by.
+    """
+    n, k = weight.shape
+    if k % qmatmul.BLOCK:
+        raise ValueError(f"int8 blocks need in_features divisible by {qmatmul.BLOCK}, got {k}")
+    w = weight.float().reshape(n, k // qmatmul.BLOCK, qmatmul.BLOCK)
+    # float16's smallest subnormal keeps an all-zero block's scale from rounding to 0.
+    scales = (w.abs().amax(-1, keepdim=True) / 127).clamp(min=2**-24).half()
+    q = torch.clamp(torch.round(w / scales.float()), -127, 127).to(torch.int8)
+    return q.reshape(n, k), scales.squeeze(-1)
+
+
+def dequantize_int8_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    w = q.reshape(n, k // qmatmul.BLOCK, qmatmul.BLOCK).float() * scales.float().unsqueeze(-1)
+    return w.reshape(n, k)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +103,7 @@ class QuantizedLinear(nn.Module):
         self.prefill_rows = prefill_rows
         self.in_features = dense.in_features
         self.out_features = dense.out_features
+        self.siblings: SiblingGroup | None = None  # set by `fuse_siblings`
         self.weight = dense.weight  # bf16, for prefill (shared when tied to embeddings)
         self.bias = dense.bias
         dtype = dense.weight.dtype
@@ -85,7 +111,7 @@ class QuantizedLinear(nn.Module):
             packed = self.quantize(dense.weight.detach(), mode, group_size)
         if use_kernel is None:
             fits = (
-                qmatmul.supports_int8(self.in_features)
+                packed["scales"].dim() == 2  # per block (see `quantize`)
                 if mode == "int8"
                 else qmatmul.supports_int4(self.in_features, group_size)
             )
@@ -94,10 +120,15 @@ class QuantizedLinear(nn.Module):
         # (an 8960x1536 layer, one row, fp32 on an AVX2 CPU: int4 0.38 ms vs 13.4 ms for
         # torch's, which is slower than the float matmul's 2.7 ms; bench/quant_kernels.py).
         self.kernel = use_kernel
-        if mode == "int8":
-            scale_dtype = torch.float32 if use_kernel else dtype
+        if mode == "int8" and use_kernel:
             self.register_buffer("qweight", packed["qweight"], persistent=False)
-            self.register_buffer("scales", packed["scales"].to(scale_dtype), persistent=False)
+            self.register_buffer("scales", packed["scales"].half(), persistent=False)
+        elif mode == "int8":
+            # torch's kernel takes one scale per output row: quantize the float weight
+            # (kept for prefill anyway) that way, whatever the packed form holds.
+            q, scales = quantize_int8(dense.weight.detach())
+            self.register_buffer("qweight", q, persistent=False)
+            self.register_buffer("scales", scales.to(dtype), persistent=False)
         elif use_kernel:
             qs, sm = qmatmul.pack_int4(packed["qweight"], packed["scales"])
             self.register_buffer("qweight", qs, persistent=False)
@@ -114,7 +145,12 @@ class QuantizedLinear(nn.Module):
     @staticmethod
     def quantize(weight: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
         if mode == "int8":
-            q, scales = quantize_int8(weight)
+            # ragqa's kernel reads scales per block of 32; where blocks do not fit, the
+            # per-row layout of torch's kernel.
+            if qmatmul.supports_int8(weight.shape[1]):
+                q, scales = quantize_int8_blocks(weight)
+            else:
+                q, scales = quantize_int8(weight)
         else:
             if weight.shape[1] % group_size:
                 raise ValueError(
@@ -129,6 +165,8 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.prefill_rows:
             return F.linear(x, self.weight, self.bias)
+        if self.siblings is not None:
+            return self.siblings.output(x, self).reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
         if self.kernel and self.mode == "int8":
             y = qmatmul.int8_linear(flat, self.qweight, self.scales).to(x.dtype)
@@ -145,12 +183,111 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class SiblingGroup:
+    """Projections that read the same input, computed by one kernel call on decode steps.
+
+    A decoder layer calls q_proj, k_proj and v_proj on the same hidden states, and
+    gate_proj and up_proj on the same input. Each separate call quantizes the activations
+    again, starts the thread pool again and pays Python's per-module cost; on the 1.5B
+    model that is 7 kernel calls per layer where 4 suffice. Here the members' packed
+    weights are stacked into one matrix (rows are quantized independently, so stacking
+    changes no value); the first member called with an input computes every member's
+    output, and the others take their slice when they are called with that same tensor
+    object. The group holds a reference to that input until every member has taken its
+    part, so the identity check cannot be fooled by a freed and reused tensor. A member
+    called with any other tensor computes afresh, so an unexpected call order is only
+    slower, never wrong. Inputs are not modified in place between the sibling calls (the
+    models' own forward reads them once each), which the identity check relies on.
+    """
+
+    def __init__(self, members: list[QuantizedLinear]) -> None:
+        first = members[0]
+        self.mode, self.group_size = first.mode, first.group_size
+        self.in_features = first.in_features
+        self.offsets: dict[int, tuple[int, int]] = {}
+        start = 0
+        for m in members:
+            self.offsets[id(m)] = (start, start + m.out_features)
+            start += m.out_features
+        self.qweight = torch.cat([m.qweight for m in members])
+        self.scales = torch.cat([m.scales for m in members])
+        biases = [m.bias for m in members]
+        self.bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [
+                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                    for b, m in zip(biases, members, strict=True)
+                ]
+            )
+        )
+        # The members keep views into the stacked weights, not copies.
+        for m in members:
+            lo, hi = self.offsets[id(m)]
+            m.qweight, m.scales = self.qweight[lo:hi], self.scales[lo:hi]
+            m.siblings = self
+        self.size = len(members)
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._left = 0
+
+    def output(self, x: torch.Tensor, member: QuantizedLinear) -> torch.Tensor:
+        """x [..., K] -> this member's part of the stacked output, [rows, member's N]."""
+        if x is not self._input or self._left == 0:
+            flat = x.reshape(-1, self.in_features)
+            if self.mode == "int8":
+                y = qmatmul.int8_linear(flat, self.qweight, self.scales)
+            else:
+                y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size)
+            # The same arithmetic as an unfused member: cast, then add the bias.
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            self._input, self._output, self._left = x, y, self.size
+        assert self._output is not None
+        lo, hi = self.offsets[id(member)]
+        part = self._output[:, lo:hi]
+        self._left -= 1
+        if self._left == 0:
+            self._input = self._output = None
+        return part
+
+
+# Attribute names of projections that share their input, per module, in the Llama/Qwen2
+# family of decoder layers (attention and MLP).
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Group the kernel-backed projections that share an input; returns how many groups."""
+    groups = 0
+    for module in model.modules():
+        for names in SIBLING_NAMES:
+            members = [getattr(module, n, None) for n in names]
+            if not all(isinstance(m, QuantizedLinear) and m.kernel for m in members):
+                continue
+            first = members[0]
+            if any(
+                m.mode != first.mode
+                or m.group_size != first.group_size
+                or m.in_features != first.in_features
+                for m in members
+            ):
+                continue
+            SiblingGroup(members)  # type: ignore[arg-type]
+            groups += 1
+    return groups
+
+
 def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
 
 
 def cache_path(folder: Path, mode: str, group_size: int) -> Path:
-    suffix = f"-g{group_size}" if mode == "int4" else ""
+    # int8 is "-b32": its scales went from one per row to one per block of 32, and a
+    # cache of the old layout must not be read as the new one.
+    suffix = f"-g{group_size}" if mode == "int4" else f"-b{qmatmul.BLOCK}"
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
@@ -161,11 +298,13 @@ def quantize_model(
     group_size: int = 64,
     cache: Path | None = None,
     prefill_rows: int = 16,
+    fuse: bool = True,
 ) -> dict[str, object]:
     """Replace every nn.Linear (lm_head included) in place; returns what was done.
 
     With `cache`, quantized weights are read from that file when present (no
-    re-quantization) and written there the first time.
+    re-quantization) and written there the first time. With `fuse`, projections that
+    share an input run as one kernel call on decode steps (`SiblingGroup`).
     """
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
@@ -195,8 +334,15 @@ def quantize_model(
         tmp = cache.with_name(cache.name + ".tmp")
         save_file({**stored, **to_save}, str(tmp))
         tmp.replace(cache)
+    fused = fuse_siblings(model) if fuse else 0
     seconds = time.perf_counter() - start
     logger.info(
         "quantized to %s in %.1f s (%s)", mode, seconds, "cached" if from_cache else "computed"
     )
-    return {"mode": mode, "group_size": group_size, "seconds": seconds, "from_cache": from_cache}
+    return {
+        "mode": mode,
+        "group_size": group_size,
+        "seconds": seconds,
+        "from_cache": from_cache,
+        "fused_groups": fused,
+    }

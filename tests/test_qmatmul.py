@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from generation import qmatmul
-from generation.quant import QuantizedLinear, dequantize_int4, quantize_int4, quantize_int8
+from generation.quant import (
+    QuantizedLinear,
+    dequantize_int4,
+    dequantize_int8_blocks,
+    quantize_int4,
+    quantize_int8_blocks,
+)
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
     pytest.skip("the kernels need an AVX2 CPU", allow_module_level=True)
@@ -78,7 +84,7 @@ def test_int4_kernel_error_against_float_weights_stays_within_activation_roundin
 
 def test_rows_are_computed_independently_for_every_tile_size():
     _, _, qs, sm = _weights()
-    q8, s8 = quantize_int8(torch.randn(96, 256))
+    q8, s8 = quantize_int8_blocks(torch.randn(96, 256))
     x = torch.randn(7, 256)  # one tile of 4 and one of 3
     for fn in (
         lambda v: qmatmul.int4_linear(v, qs, sm, 64),
@@ -92,11 +98,14 @@ def test_rows_are_computed_independently_for_every_tile_size():
 def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound():
     torch.manual_seed(0)
     w = torch.randn(80, 320) * 0.05
-    q8, s8 = quantize_int8(w)
+    w[5, 64:96] *= 40  # an outlier block: its own scale, not its row's
+    q8, s8 = quantize_int8_blocks(w)
+    assert s8.shape == (80, 10) and s8[5, 2] > 20 * s8[5, 1]
     x = torch.randn(3, 320)
     y = qmatmul.int8_linear(x, q8, s8)
     xq, d = _quantized_activations(x)
-    wq = q8.float() * s8[:, None]
+    wq = dequantize_int8_blocks(q8, s8)
+    assert (wq - w).abs().max() <= s8.float().max() / 2 + 1e-6
     assert torch.allclose(y, xq @ wq.T, atol=1e-4, rtol=1e-5)
     err = (y - x @ wq.T).abs()
     bound = (d / 2) @ wq.abs().reshape(80, -1, 32).sum(-1).T
@@ -132,3 +141,67 @@ def test_kernels_take_only_whole_blocks_that_divide_the_inputs():
     assert not odd.kernel  # torch's kernel takes it instead
     x = torch.randn(1, 100)
     assert torch.allclose(odd(x), x @ odd.weight.T + odd.bias, atol=0.05)
+
+
+def _tiny_llama(attention_bias: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=attention_bias,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_sibling_projections_give_the_same_decode_logits_with_fewer_kernel_calls(
+    mode, monkeypatch
+):
+    from generation.quant import quantize_model
+
+    fused, plain = _tiny_llama(True), _tiny_llama(True)
+    assert quantize_model(fused, mode, fuse=True)["fused_groups"] == 4  # 2 layers x (qkv, mlp)
+    assert quantize_model(plain, mode, fuse=False)["fused_groups"] == 0
+    calls = {"n": 0}
+    for name in ("int8_linear", "int4_linear"):
+        real = getattr(qmatmul, name)
+
+        def counted(*args, _real=real):
+            calls["n"] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(qmatmul, name, counted)
+    prompt = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+    counts, outputs = [], []
+    with torch.inference_mode():
+        for model in (plain, fused):
+            out = model(prompt, use_cache=True)  # prefill: float weights, no kernel calls
+            calls["n"] = 0
+            step = model(torch.tensor([[11]]), past_key_values=out.past_key_values)
+            counts.append(calls["n"])
+            outputs.append(step.logits)
+    # per layer 7 projections -> o, down, qkv, gate+up; plus the vocabulary projection
+    assert counts == [2 * 7 + 1, 2 * 4 + 1]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_fused_projection_called_out_of_order_still_computes_its_own_input():
+    from generation.quant import quantize_model
+
+    model = _tiny_llama(True)
+    quantize_model(model, "int4", fuse=True)
+    attn = model.model.layers[0].self_attn
+    a, b = torch.randn(1, 128), torch.randn(1, 128)
+    with torch.inference_mode():
+        q_a = attn.q_proj(a)  # computes q, k, v for `a` and keeps k and v for it
+        k_b = attn.k_proj(b)  # another input: must not get a's keys
+        expected = qmatmul.int4_linear(b, attn.k_proj.qweight, attn.k_proj.scales, 64)
+        assert torch.equal(k_b, expected + attn.k_proj.bias)
+        assert not torch.equal(k_b, attn.k_proj(a))
+        assert q_a.shape == (1, 128)

@@ -12,8 +12,9 @@ from generation.quant import (
     QuantizedLinear,
     cache_path,
     dequantize_int4,
+    dequantize_int8_blocks,
     quantize_int4,
-    quantize_int8,
+    quantize_int8_blocks,
     quantize_model,
 )
 from tests.conftest import MODEL_DIR
@@ -40,8 +41,8 @@ def test_quantized_linear_matches_float_reference_within_error_bound(mode):
 def test_int8_and_int4_kernels_equal_their_own_dequantized_weights():
     dense = _linear(bias=False)
     x = torch.randn(2, 256, dtype=torch.bfloat16)
-    q8, s8 = quantize_int8(dense.weight)
-    ref8 = x.float() @ (q8.float() * s8[:, None]).T
+    q8, s8 = quantize_int8_blocks(dense.weight)
+    ref8 = x.float() @ dequantize_int8_blocks(q8, s8).T
     y8 = QuantizedLinear(dense, "int8")(x).float()
     assert (y8 - ref8).abs().max() < 0.05 * ref8.abs().max()
     q4, sz = quantize_int4(dense.weight, 64)
@@ -96,15 +97,16 @@ def test_engine_greedy_with_quantization_matches_hf_generate_on_same_model(
     assert ours == hf
 
 
-def test_second_load_reads_cached_weights_instead_of_requantizing(tiny_bf16_model_dir):
-    cache = cache_path(tiny_bf16_model_dir, "int4", 64)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_second_load_reads_cached_weights_instead_of_requantizing(tiny_bf16_model_dir, mode):
+    cache = cache_path(tiny_bf16_model_dir, mode, 64)
     cache.unlink(missing_ok=True)
     first = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.bfloat16)
-    info1 = quantize_model(first, "int4", cache=cache)
+    info1 = quantize_model(first, mode, cache=cache)
     assert info1["from_cache"] is False and cache.exists()
     mtime = cache.stat().st_mtime_ns
     second = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.bfloat16)
-    info2 = quantize_model(second, "int4", cache=cache)
+    info2 = quantize_model(second, mode, cache=cache)
     assert info2["from_cache"] is True and cache.stat().st_mtime_ns == mtime
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(first(x).logits, second(x).logits)

@@ -12,7 +12,11 @@
 //   sm [N, K/g, 2] fp16: per group of g inputs, scale s and minimum m: w = q * s + m
 // so  y[n] = sum_g ( s_g * sum_{k in g} q_k x_k  +  m_g * sum_{k in g} x_k ).
 // The first sum uses the int8 activations, the second the exact float activations.
-// int8 weights (q8_linear) are symmetric per output row: w = q * s_n, q in [-127, 127].
+// int8 weights (q8_linear) are symmetric per block of 32 inputs, as llama.cpp's Q8_0:
+// w = q * d_{n,b}, q in [-127, 127], d fp16 [N, K/32]. A scale per output row instead
+// lets one large weight coarsen its whole row: on the 1.5B model, under teacher forcing
+// over 1,200 positions, per-row scales changed the top token at 2.25% of positions and
+// per-block scales at 1.5% (mean KL to the float model 0.0026 vs 0.0009).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -132,28 +136,30 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
 
 // int8 weights: rows [n0, n1) for activation rows [m0, m0 + MT).
 template <int MT>
-void dot_rows_q8(const int8_t* qw, const float* scales, const int8_t* xq, const float* dx,
+void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const float* dx,
                  float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N, int64_t K) {
   const int64_t nb = K / kBlock;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wrow = qw + n * K;
+    const uint16_t* drow = dw + n * nb;
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * kBlock));
       // maddubs wants one unsigned operand: |w| times x with w's sign (|127 * 127 * 2| < 2^15).
       const __m256i w_abs = _mm256_sign_epi8(w, w);
+      const float d = half_to_float(drow[b]);
       for (int i = 0; i < MT; ++i) {
         const __m256i xv =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + i) * K + b * kBlock));
         const __m256i sums =
             _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xv, w)), ones);
-        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dx[(m0 + i) * nb + b]), _mm256_cvtepi32_ps(sums),
-                                 acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[(m0 + i) * nb + b]),
+                                 _mm256_cvtepi32_ps(sums), acc[i]);
       }
     }
-    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = scales[n] * hsum(acc[i]);
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = hsum(acc[i]);
   }
 }
 
@@ -190,17 +196,19 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t group) {
   return in;
 }
 
-// x [M, K] float32, qw [N, K] int8, scales [N] float32 -> [M, N] float32.
+// x [M, K] float32, qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
-  TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat,
-              "qw must be int8 and scales float32");
+  TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
+              "qw must be int8 and scales float16");
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
-  TORCH_CHECK(qw.size(1) == K && scales.numel() == N, "weight shapes do not match K = ", K);
+  TORCH_CHECK(qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
+                  scales.size(1) * kBlock == K,
+              "weight shapes do not match K = ", K, " (scales must be [N, K/32])");
   const QuantizedInput in = quantize_input(x, 0);
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const int8_t* xqp = in.xq.data_ptr<int8_t>();
   const float* dxp = in.dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
