@@ -48,8 +48,11 @@ def load_generator(services: Services) -> None:
     report = reports[0]
     services.extras["engine"] = scheduler.engine
     services.extras["scheduler"] = scheduler
+    services.extras["load_report"] = report
     status.set(
-        "ready", f"{report.model} on {report.device} ({report.dtype}), loaded in {report.load_s}s"
+        "ready",
+        f"{report.model} on {report.device} ({report.dtype}, quantization "
+        f"{report.quantization}), loaded in {report.load_s}s",
     )
 
 

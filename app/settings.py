@@ -63,8 +63,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Generator dtype; auto picks bf16 where it is fast."
     )
-    quantization: Literal["none", "int8", "int4"] = Field(
-        "none", description="Weight-only quantization of the generator on CPU."
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "none",
+        description="Weight-only quantization of the generator on CPU; auto is int8 where "
+        "ragqa's CPU kernels build, none elsewhere (GPUs included).",
     )
     quant_group_size: int = Field(64, ge=16, le=1024, description="int4 group size.")
     host: str = Field("127.0.0.1", description="Address the API binds to.")

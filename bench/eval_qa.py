@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
     parser.add_argument("--answerable-threshold", type=float, default=None)
-    parser.add_argument("--quantization", choices=["none", "int8", "int4"], default=None)
+    parser.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default=None)
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -362,7 +362,10 @@ def main() -> None:
         "top_k": top_k,
         "refusal_threshold": settings.refusal_threshold,
         "answerable_threshold": answerable_threshold(settings),
-        "quantization": settings.quantization,
+        # The mode the engine loaded with ("auto" resolved), or the setting over --url.
+        "quantization": services.extras["load_report"].quantization
+        if args.url is None
+        else settings.quantization,
         "limit": args.limit,
         "seed": args.seed,
         "concurrency": args.concurrency,

@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="none")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
         "--compare-llama-cpp", action="store_true", help="Also run the GGUF through llama.cpp."

@@ -23,7 +23,7 @@ from generation.attention import use_decode_attention
 from generation.device import choose_device, choose_dtype
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
-from generation.quant import cache_path, quantize_model
+from generation.quant import cache_path, quantize_model, resolve_mode
 from generation.sampling import sample
 from generation.stream import StreamDecoder
 
@@ -153,6 +153,9 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt)
         model.to(dev).eval()
+        asked, quantization = quantization, resolve_mode(quantization, dev)
+        if asked != quantization:
+            logger.info("quantization %s resolved to %s on %s", asked, quantization, dev)
         if quantization != "none":
             if dev.type != "cpu":
                 # The packed kernels are CPU kernels; on a GPU bf16 is the fast path.

@@ -16,6 +16,7 @@ from generation.quant import (
     quantize_int4,
     quantize_int8_blocks,
     quantize_model,
+    resolve_mode,
 )
 from tests.conftest import MODEL_DIR
 
@@ -115,3 +116,25 @@ def test_second_load_reads_cached_weights_instead_of_requantizing(tiny_bf16_mode
 def test_unknown_quantization_mode_names_the_choices():
     with pytest.raises(ValueError, match=r"quantization must be one of \('none', 'int8', 'int4'\)"):
         quantize_model(nn.Sequential(), "int3")
+
+
+def test_auto_quantization_is_int8_on_a_cpu_where_the_kernels_build(tiny_bf16_model_dir):
+    from generation import qmatmul
+
+    if not qmatmul.load():
+        pytest.skip("ragqa's int8 kernels do not build on this machine (no AVX2 or compiler)")
+    engine, report = Engine.load(tiny_bf16_model_dir, dtype="bfloat16", quantization="auto")
+    assert report.quantization == "int8"
+    assert any(isinstance(m, QuantizedLinear) for m in engine.model.modules())
+
+
+def test_auto_quantization_keeps_float_weights_without_the_kernels_or_off_the_cpu(monkeypatch):
+    from generation import qmatmul
+
+    monkeypatch.setattr(qmatmul, "load", lambda: False)
+    assert resolve_mode("auto", torch.device("cpu")) == "none"
+    monkeypatch.setattr(qmatmul, "load", lambda: True)
+    assert resolve_mode("auto", torch.device("cuda")) == "none"
+    assert resolve_mode("int4", torch.device("cpu")) == "int4"  # an explicit mode is kept
+    with pytest.raises(ValueError, match=r"one of \('auto', 'none', 'int8', 'int4'\), got 'fast'"):
+        resolve_mode("fast", torch.device("cpu"))
