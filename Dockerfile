@@ -12,8 +12,8 @@ ENV PYTHONUNBUFFERED=1 \
     RAGQA_PORT=8000
 
 WORKDIR /srv/ragqa
-# A C++ compiler builds the int4 decode kernel (generation/csrc) on first use; without it
-# RAGQA_QUANTIZATION=int4 falls back to torch's much slower int4 kernel.
+# A C++ compiler builds the int8/int4 decode kernels (generation/csrc) on first use; without
+# it the default RAGQA_QUANTIZATION=auto keeps float weights.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} torch==2.13.0

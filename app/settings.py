@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "auto", description="Generator dtype; auto picks bf16 where it is fast."
     )
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
-        "none",
+        "auto",
         description="Weight-only quantization of the generator on CPU; auto is int8 where "
         "ragqa's CPU kernels build, none elsewhere (GPUs included).",
     )

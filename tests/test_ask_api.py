@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from app.settings import Settings
+from generation import qmatmul
 from tests import docs
 from tests.conftest import MODEL_DIR, LiveServer, wait_for
 
@@ -68,6 +69,14 @@ def server(tmp_path_factory):
 
 def ask(server, **body):
     return httpx.post(f"{server.url}/v1/ask", json=body, timeout=120)
+
+
+def test_default_service_decodes_with_int8_weights_where_the_kernels_build(server):
+    # The fixture leaves RAGQA_QUANTIZATION at its default (auto).
+    assert server.settings.quantization == "auto"
+    detail = httpx.get(f"{server.url}/healthz").json()["generator"]["detail"]
+    expected = "int8" if qmatmul.load() else "none"
+    assert f"quantization {expected})" in detail, detail
 
 
 def test_citations_point_to_the_right_document_and_page(server):
