@@ -82,10 +82,11 @@ def test_int4_kernel_error_against_float_weights_stays_within_activation_roundin
     assert err.max() > 0  # the activations really are quantized
 
 
-def test_rows_are_computed_independently_for_every_tile_size():
-    _, _, qs, sm = _weights()
-    q8, s8 = quantize_int8_blocks(torch.randn(96, 256))
-    x = torch.randn(7, 256)  # one tile of 4 and one of 3
+@pytest.mark.parametrize("k", [256, 320])  # whole groups of 8 blocks; 8 blocks plus a tail of 2
+def test_rows_are_computed_independently_for_every_tile_size(k):
+    _, _, qs, sm = _weights(k=k)
+    q8, s8 = quantize_int8_blocks(torch.randn(96, k))
+    x = torch.randn(7, k)  # one tile of 4 and one of 3
     for fn in (
         lambda v: qmatmul.int4_linear(v, qs, sm, 64),
         lambda v: qmatmul.int8_linear(v, q8, s8),
