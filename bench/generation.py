@@ -5,6 +5,8 @@ Usage: python bench/generation.py --model PRESET_OR_PATH [--prompt-tokens 600] [
 Measures, on a RAG-style prompt: TTFT and decode tok/s of the engine vs `generate()` (same
 model, dtype, greedy), vs no KV cache, aggregate decode tok/s at 1/2/4/8 concurrent
 requests, TTFT with a warm shared prefix vs cold, and peak RSS. Timings are medians.
+With --compare-llama-cpp, llama.cpp decodes the preset's GGUF from the same prompt tokens,
+one run after each of the engine's, on the same thread.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -111,41 +114,36 @@ async def concurrent(scheduler: Scheduler, prompts: list[list[int]], n: int) -> 
     }
 
 
-def compare_llama_cpp(args: argparse.Namespace, ids: list[int], n: int) -> dict[str, object]:
-    """The same GGUF and prompt tokens through llama.cpp with the same thread count."""
+def load_llama_cpp(args: argparse.Namespace) -> tuple[Any, str]:
+    """(llama_cpp.Llama on the preset's GGUF, "") or (None, why it cannot run)."""
     try:
         from llama_cpp import Llama  # a benchmark baseline only, never a runtime dependency
     except ImportError:
-        logging.warning(
-            "llama_cpp is not importable: 'pip install llama-cpp-python' builds it from "
-            "source (~10 minutes on 2 cores); skipping the llama.cpp comparison"
+        return None, (
+            "not installed: 'pip install llama-cpp-python' builds it from source "
+            "(25-50 minutes on 2 cores)"
         )
-        return {"llama_cpp": "not installed"}
     gguf = args.model_dir.expanduser() / args.model / "model.gguf"
     if not gguf.exists():
-        return {"llama_cpp": f"no GGUF at {gguf}"}
-    threads = torch.get_num_threads()
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
-    ttfts, rates = [], []
-    for _ in range(args.runs):
-        llm.reset()
-        start = time.perf_counter()
-        first = None
-        count = 0
-        for _tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            count += 1
-            if first is None:
-                first = time.perf_counter() - start
-            if count >= n:
-                break
-        total = time.perf_counter() - start
-        ttfts.append(first or total)
-        rates.append((count - 1) / max(total - (first or 0), 1e-9))
-    return {
-        "llama_cpp_threads": threads,
-        "llama_cpp_ttft_s": round(statistics.median(ttfts), 3),
-        "llama_cpp_decode_tok_s": round(statistics.median(rates), 2),
-    }
+        return None, f"no GGUF at {gguf}"
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+    return llm, ""
+
+
+def llama_cpp_once(llm: Any, ids: list[int], n: int) -> tuple[float, float]:
+    """(ttft_s, decode tok/s) of llama.cpp on the same prompt tokens, greedy, n tokens."""
+    llm.reset()
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for _tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        count += 1
+        if first is None:
+            first = time.perf_counter() - start
+        if count >= n:
+            break
+    total = time.perf_counter() - start
+    return first or total, (count - 1) / max(total - (first or 0), 1e-9)
 
 
 def main() -> None:
@@ -197,13 +195,25 @@ def main() -> None:
     ids = engine.chat_ids(messages)
     greedy = GenerationParams(max_new_tokens=n, ignore_eos=True)
 
+    # llama.cpp runs on the model thread too: its OpenMP build shares the process's libgomp,
+    # and a second thread starting parallel regions would make both thread pools stop
+    # spinning between regions (libgomp throttles when it manages more threads than CPUs).
+    llm, llama_missing = (
+        on_model(lambda: load_llama_cpp(args)) if args.compare_llama_cpp else (None, "")
+    )
     on_model(lambda: engine.generate(ids[:64], GenerationParams(max_new_tokens=4)))  # warm-up
-    ours, theirs = [], []
+    if llm is not None:
+        on_model(lambda: llama_cpp_once(llm, ids[:64], 4))
+    ours, theirs, llama_runs = [], [], []
+    # Interleaved, one run of each per round: the memory bandwidth of a shared machine
+    # drifts by a quarter within minutes, and decode steps are bound by it.
     for _ in range(args.runs):
         r = on_model(lambda: engine.generate(ids, greedy))
         ours.append((r.ttft_s, (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids))
         ttft, total, tokens = on_model(lambda: hf_generate(engine, ids, n))
         theirs.append((ttft, (n - 1) / max(total - ttft, 1e-9), tokens))
+        if llm is not None:
+            llama_runs.append(on_model(lambda: llama_cpp_once(llm, ids, n)))
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
     gen_ttft = statistics.median(x[0] for x in theirs)
@@ -243,7 +253,16 @@ def main() -> None:
         assert reused == shared
     scheduler.stop()
 
-    llama = compare_llama_cpp(args, ids, n) if args.compare_llama_cpp else {}
+    llama: dict[str, Any] = {}
+    if llm is not None:
+        llama = {
+            "llama_cpp_threads": torch.get_num_threads(),
+            "llama_cpp_ttft_s": round(statistics.median(x[0] for x in llama_runs), 3),
+            "llama_cpp_decode_tok_s": round(statistics.median(x[1] for x in llama_runs), 2),
+        }
+    elif args.compare_llama_cpp:
+        logging.warning("skipping the llama.cpp comparison: %s", llama_missing)
+        llama = {"llama_cpp": llama_missing}
     result = {
         "model": args.model,
         "quantization": report.quantization,
