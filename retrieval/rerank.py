@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from retrieval.compute_thread import run_in_own_thread
+
 
 class Reranker(Protocol):
     name: str
@@ -27,4 +29,6 @@ class CrossEncoderReranker:
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         if not passages:
             return []
-        return [float(s) for s in self.model.predict([(query, p) for p in passages])]
+        pairs = [(query, p) for p in passages]
+        # A thread that ends with the call: see compute_thread (keeps decode steps fast).
+        return [float(s) for s in run_in_own_thread(lambda: self.model.predict(pairs))]
