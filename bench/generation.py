@@ -259,6 +259,14 @@ def main() -> None:
             "llama_cpp_threads": torch.get_num_threads(),
             "llama_cpp_ttft_s": round(statistics.median(x[0] for x in llama_runs), 3),
             "llama_cpp_decode_tok_s": round(statistics.median(x[1] for x in llama_runs), 2),
+            # Each round's engine run against the llama.cpp run right after it, then the
+            # median: steadier than a ratio of medians when the bandwidth drifts.
+            "ratio_decode_vs_llama_cpp_paired": round(
+                statistics.median(o[1] / x[1] for o, x in zip(ours, llama_runs, strict=True)), 3
+            ),
+            "ratio_ttft_vs_llama_cpp_paired": round(
+                statistics.median(o[0] / x[0] for o, x in zip(ours, llama_runs, strict=True)), 3
+            ),
         }
     elif args.compare_llama_cpp:
         logging.warning("skipping the llama.cpp comparison: %s", llama_missing)
