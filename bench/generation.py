@@ -261,6 +261,8 @@ def main() -> None:
             "llama_cpp_decode_tok_s": round(statistics.median(x[1] for x in llama_runs), 2),
             # Each round's engine run against the llama.cpp run right after it, then the
             # median: steadier than a ratio of medians when the bandwidth drifts.
+            "engine_decode_tok_s_per_round": [round(o[1], 2) for o in ours],
+            "llama_cpp_decode_tok_s_per_round": [round(x[1], 2) for x in llama_runs],
             "ratio_decode_vs_llama_cpp_paired": round(
                 statistics.median(o[1] / x[1] for o, x in zip(ours, llama_runs, strict=True)), 3
             ),
