@@ -119,17 +119,23 @@ class SentenceTransformerEmbedder:
             # ingest worker's; run on a thread that ends with the call instead, or the
             # generator's decode steps slow down by up to 15% (see compute_thread).
             vectors = run_in_own_thread(
-                lambda: self.model.encode(
-                    list(texts),
-                    batch_size=self.batch_size,
-                    convert_to_numpy=False,
-                    convert_to_tensor=True,
-                    normalize_embeddings=False,
-                    show_progress_bar=False,
+                lambda: (
+                    self.model.encode(
+                        list(texts),
+                        batch_size=self.batch_size,
+                        convert_to_numpy=False,
+                        convert_to_tensor=True,
+                        normalize_embeddings=False,
+                        show_progress_bar=False,
+                    )
+                    # The bf16 -> float conversion is a parallel torch op too.
+                    .float()
+                    .cpu()
+                    .numpy()
                 ),
                 name="ragqa-embed",
             )
-        return _l2_normalise(vectors.float().cpu().numpy())
+        return _l2_normalise(vectors)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if not texts:
