@@ -206,7 +206,7 @@ def main() -> None:
         on_model(lambda: llama_cpp_once(llm, ids[:64], 4))
     ours, theirs, llama_runs = [], [], []
     # Interleaved, one run of each per round: the memory bandwidth of a shared machine
-    # drifts by a quarter within minutes, and decode steps are bound by it.
+    # drifts by up to a third within an hour, and decode steps are bound by it.
     for _ in range(args.runs):
         r = on_model(lambda: engine.generate(ids, greedy))
         ours.append((r.ttft_s, (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids))

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_in_own_thread_returns_the_result_from_another_thread():
-    import threading
-
     caller = threading.get_ident()
     assert run_in_own_thread(lambda: threading.get_ident()) != caller
     assert run_in_own_thread(lambda: 41 + 1) == 42
