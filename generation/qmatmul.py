@@ -1,14 +1,18 @@
 """ragqa's int4/int8 x int8 matmul kernels (csrc/qmatmul.cpp): building, weight layout, calls.
 
-The C++ source is compiled once per machine with torch's extension builder (ninja and a
-C++ compiler) and cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
-Where it cannot be built or the CPU lacks AVX2/FMA/F16C, `load()` returns False and
-callers keep torch's own weight-only kernels; nothing else changes.
+The C++ source is compiled once per machine and torch version with torch's extension
+builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
+`load()` returns False and callers keep torch's own weight-only kernels; nothing else
+changes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +33,46 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def build_directory() -> Path:
+    """Where the kernels are compiled: one folder per torch build and Python version."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    # A torch upgrade changes the ABI the compiled library links against, and torch's own
+    # change detection looks only at the source and flags: the torch version (which names
+    # the CPU or CUDA build too) is part of the folder so an upgrade compiles afresh.
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return Path(root) / "ragqa_qmatmul" / tag.replace("+", "_")
+
+
+def _build_and_load(folder: Path) -> None:
+    from torch.utils import cpp_extension
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch serialises builds with a `lock` file that only its creator removes, so a build
+    # killed midway (a stopped container, a cancelled test run) leaves a file that makes
+    # every later load wait on it for ever. An flock is released by the kernel when its
+    # holder dies: whoever holds it is the only process that can be building here, so a
+    # `lock` file it finds is one left behind.
+    with open(folder / "ragqa.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a kernel build that did not finish", stale)
+            stale.unlink()
+        cpp_extension.load(
+            name="ragqa_qmatmul",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            # libgomp.so.1 resolves to the copy torch already loaded (same soname), so
+            # the kernels share torch's OpenMP thread pool.
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
 def load() -> bool:
     """Build (the first time on this machine) and load the kernels; False when unavailable."""
     with _lock:
@@ -42,18 +86,7 @@ def load() -> bool:
             )
         else:
             try:
-                from torch.utils import cpp_extension
-
-                cpp_extension.load(
-                    name="ragqa_qmatmul",
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                    # libgomp.so.1 resolves to the copy torch already loaded (same
-                    # soname), so the kernels share torch's OpenMP thread pool.
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
+                _build_and_load(build_directory())
                 ok = hasattr(torch.ops.ragqa_qmatmul, "q4_linear")
             except Exception as exc:  # a missing compiler or ninja must not stop the service
                 logger.warning(

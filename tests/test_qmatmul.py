@@ -1,6 +1,10 @@
 """The int4/int8 x int8 kernels: layout, arithmetic and error bounds against float references."""
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +210,37 @@ def test_a_fused_projection_called_out_of_order_still_computes_its_own_input():
         assert torch.equal(k_b, expected + attn.k_proj.bias)
         assert not torch.equal(k_b, attn.k_proj(a))
         assert q_a.shape == (1, 128)
+
+
+def test_a_lock_file_left_by_a_killed_build_does_not_make_the_next_load_wait(tmp_path):
+    # A copy of this machine's build, in a TORCH_EXTENSIONS_DIR of the test's own, with the
+    # `lock` file torch leaves behind when a build is killed midway.
+    built = qmatmul.build_directory()
+    root = tmp_path / "extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    probe = "from generation import qmatmul; print(qmatmul.build_directory())"
+    folder = Path(_run_python(probe, env, timeout=60).stdout.strip())
+    shutil.copytree(built, folder)
+    (folder / "lock").touch()
+
+    done = _run_python(
+        "from generation import qmatmul; assert qmatmul.load(), 'load failed'", env, timeout=300
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert not (folder / "lock").exists()
+    assert "left by a kernel build that did not finish" in done.stderr
+
+
+def _run_python(code: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{code}` still waiting after {timeout} s")
