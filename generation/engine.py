@@ -19,8 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from generation import lean_decode
 from generation.attention import use_decode_attention
 from generation.device import choose_device, choose_dtype
+from generation.kv import KV, append_kv
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
 from generation.quant import cache_path, quantize_model, resolve_mode
@@ -28,8 +30,6 @@ from generation.sampling import sample
 from generation.stream import StreamDecoder
 
 logger = logging.getLogger(__name__)
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, T, D]
 
 
 @dataclass
@@ -54,46 +54,6 @@ class GenerationResult:
 
 def kv_from_cache(cache: DynamicCache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-# Decode steps between reallocations of a sequence's KV buffer.
-KV_SLACK = 256
-
-
-def append_kv(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """t [B, H, T, D] + new [B, H, n, D] -> [B, H, T + n, D].
-
-    transformers' DynamicCache concatenates, copying the whole cache of every layer at
-    every step (twice when the cache is rebuilt from tensors): measured on the 0.5B int4
-    at a 600-token context, a fifth of the decode step. Here the KV lives in a buffer
-    with room for KV_SLACK more positions; while `t` is exactly the filled part of such a
-    buffer, the new positions are written in place and a longer view is returned. Any
-    other tensor (a prefill's, a merged batch's, a cached prefix) is copied once into a
-    new buffer, so no tensor this function did not allocate is ever written to.
-
-    The view names its buffer in an attribute: under torch.inference_mode() (where the
-    engine runs) views have no `_base`, so that cannot tell.
-    """
-    length, extra = t.shape[2], new.shape[2]
-    buf: torch.Tensor | None = getattr(t, "_ragqa_buffer", None)
-    if (
-        buf is not None
-        and buf._ragqa_filled == length  # type: ignore[attr-defined]
-        and t.data_ptr() == buf.data_ptr()
-        and t.stride() == buf.stride()
-        and buf.shape[:2] == t.shape[:2]
-        and buf.shape[2] >= length + extra
-    ):
-        buf[:, :, length : length + extra] = new
-    else:
-        b, h, _, d = t.shape
-        buf = torch.empty(b, h, length + extra + KV_SLACK, d, dtype=t.dtype, device=t.device)
-        buf[:, :, :length] = t
-        buf[:, :, length : length + extra] = new
-    buf._ragqa_filled = length + extra  # type: ignore[attr-defined]
-    view = buf[:, :, : length + extra]
-    view._ragqa_buffer = buf  # type: ignore[attr-defined]
-    return view
 
 
 class _SlackLayer(DynamicLayer):
@@ -125,6 +85,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         use_decode_attention(model)
+        # Built from the modules as they are now: quantization happens before this.
+        self.lean = lean_decode.build(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context_length = int(
@@ -249,6 +211,15 @@ class Engine:
         kv: per layer [B, H, T, D]  ->  logits [B, V], kv per layer [B, H, T+1, D]
         (views into buffers with spare room: see `append_kv`)
         """
+        if self.lean is not None:
+            return self.lean(tokens, positions, mask, kv)
+        return self.hf_decode_step(tokens, positions, mask, kv)
+
+    @torch.inference_mode()
+    def hf_decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: KV
+    ) -> tuple[torch.Tensor, KV]:
+        """`decode_step` through transformers' forward (where `lean_decode` does not apply)."""
         cache = slack_cache(kv)
         out = self.model(
             input_ids=tokens.unsqueeze(1),

@@ -97,7 +97,7 @@ def test_decode_attention_matches_sdpa_with_grouped_heads_and_left_padding():
 
 @pytest.mark.parametrize("inference_mode", [True, False])
 def test_kv_appends_in_place_only_into_buffers_it_allocated(inference_mode):
-    from generation.engine import KV_SLACK, append_kv
+    from generation.kv import KV_SLACK, append_kv
 
     # The engine decodes under inference_mode, where views have no _base.
     with torch.inference_mode(inference_mode):
