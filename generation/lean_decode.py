@@ -27,6 +27,7 @@ from torch import nn
 
 from generation.attention import decode_attention
 from generation.kv import KV, append_kv
+from generation.quant import QuantizedLinear, SiblingGroup
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _group(members: list[nn.Module]) -> SiblingGroup | None:
+    """The stacked kernel of q/k/v or gate/up, when `fuse_siblings` built one for them."""
+    first = members[0]
+    if not all(isinstance(m, QuantizedLinear) for m in members):
+        return None
+    group = first.siblings
+    if group is None or not group.stacked(members):  # type: ignore[arg-type]
+        return None
+    return group
+
+
 class _Layer:
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -70,6 +82,40 @@ class _Layer:
         self.down = _projection(mlp.down_proj)
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.q_width = attn.q_proj.out_features
+        self.qk_width = self.q_width + attn.k_proj.out_features
+        self.gate_width = mlp.gate_proj.out_features
+        # One kernel call and one slice per stack instead of a call per member.
+        self.qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up = _group([mlp.gate_proj, mlp.up_proj])
+
+    def attention_inputs(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, 1, H] -> q [B, Hq, 1, D], k and v [B, Hkv, 1, D], rotary applied to q, k."""
+        b, d = x.shape[0], self.head_dim
+        if self.qkv is None:
+            q = self.q(x).view(b, 1, -1, d).transpose(1, 2)
+            k = self.k(x).view(b, 1, -1, d).transpose(1, 2)
+            v = self.v(x).view(b, 1, -1, d).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            return q, k, v
+        y = self.qkv.compute(x)  # [B, Nq + Nk + Nv]
+        # Rotating q and k together is elementwise: the same floats as one at a time.
+        qk = y[:, : self.qk_width].view(b, -1, 1, d)  # [B, Hq + Hkv, 1, D]
+        qk = (qk * cos) + (_rotate_half(qk) * sin)
+        hq = self.q_width // d
+        v = y[:, self.qk_width :].view(b, -1, 1, d)
+        return qk[:, :hq], qk[:, hq:], v
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, H] -> [B, 1, H]."""
+        if self.gate_up is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        y = self.gate_up.compute(x)  # [B, 2 * I]
+        hidden = F.silu(y[:, : self.gate_width]) * y[:, self.gate_width :]
+        return self.down(hidden.unsqueeze(1))
 
 
 class LeanDecoder:
@@ -99,19 +145,13 @@ class LeanDecoder:
         for layer, (keys, values) in zip(self.layers, kv, strict=True):
             residual = h
             x = _rms_norm(h, layer.input_norm)
-            d = layer.head_dim
-            q = layer.q(x).view(b, 1, -1, d).transpose(1, 2)  # [B, Hq, 1, D]
-            k = layer.k(x).view(b, 1, -1, d).transpose(1, 2)  # [B, Hkv, 1, D]
-            v = layer.v(x).view(b, 1, -1, d).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k, v = layer.attention_inputs(x, cos, sin)
             keys, values = append_kv(keys, k), append_kv(values, v)
             new_kv.append((keys, values))
             out, _ = decode_attention(layer.attn, q, keys, values, attend, scaling=layer.scaling)
             h = residual + layer.o(out.reshape(b, 1, -1).contiguous())
             residual = h
-            x = _rms_norm(h, layer.post_norm)
-            h = residual + layer.down(F.silu(layer.gate(x)) * layer.up(x))
+            h = residual + layer.mlp(_rms_norm(h, layer.post_norm))
         h = _rms_norm(h, self.norm)
         return self.lm_head(h)[:, -1], new_kv
 

@@ -251,19 +251,34 @@ class SiblingGroup:
         self._output: torch.Tensor | None = None
         self._left = 0
 
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> every member's output side by side, [rows, sum of the members' N]."""
+        flat = x.reshape(-1, self.in_features)
+        if self.mode == "int8":
+            y = qmatmul.int8_linear(flat, self.qweight, self.scales)
+        else:
+            y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size)
+        # The same arithmetic as an unfused member: cast, then add the bias.
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def stacked(self, members: list[QuantizedLinear]) -> bool:
+        """Whether `members` are exactly this group's, stacked in this order."""
+        return self.size == len(members) and all(
+            self.offsets.get(id(m))
+            == (
+                sum(p.out_features for p in members[:i]),
+                sum(p.out_features for p in members[: i + 1]),
+            )
+            for i, m in enumerate(members)
+        )
+
     def output(self, x: torch.Tensor, member: QuantizedLinear) -> torch.Tensor:
         """x [..., K] -> this member's part of the stacked output, [rows, member's N]."""
         if x is not self._input or self._left == 0:
-            flat = x.reshape(-1, self.in_features)
-            if self.mode == "int8":
-                y = qmatmul.int8_linear(flat, self.qweight, self.scales)
-            else:
-                y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size)
-            # The same arithmetic as an unfused member: cast, then add the bias.
-            y = y.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-            self._input, self._output, self._left = x, y, self.size
+            self._input, self._output, self._left = x, self.compute(x), self.size
         assert self._output is not None
         lo, hi = self.offsets[id(member)]
         part = self._output[:, lo:hi]

@@ -79,6 +79,9 @@ def test_lean_step_gives_the_same_logits_and_kv_as_transformers_forward(
         pytest.skip("ragqa's int8 kernel did not build here")
     engine = _engine(tokenizer, family, quantization)
     assert engine.lean is not None
+    # With the kernels, the stacked q/k/v and gate/up path; without, one call per projection.
+    stacked = [(layer.qkv is not None, layer.gate_up is not None) for layer in engine.lean.layers]
+    assert stacked == [(quantization == "int8",) * 2] * 2
     prompts = [tokenizer.encode(t) for t in ("A longer prompt about copper wires", "Short")]
     tokens, positions, mask, kv = _padded_batch(engine, prompts)
     lean_kv, hf_kv = kv, kv
