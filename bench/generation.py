@@ -6,7 +6,8 @@ Measures, on a RAG-style prompt: TTFT and decode tok/s of the engine vs `generat
 model, dtype, greedy), vs no KV cache, aggregate decode tok/s at 1/2/4/8 concurrent
 requests, TTFT with a warm shared prefix vs cold, and peak RSS. Timings are medians.
 With --compare-llama-cpp, llama.cpp decodes the preset's GGUF from the same prompt tokens,
-one run after each of the engine's, on the same thread.
+one run after each of the engine's, on the same thread. With --compare-hf-forward, each
+round also decodes through transformers' forward instead of `generation/lean_decode.py`.
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ def llama_cpp_once(llm: Any, ids: list[int], n: int) -> tuple[float, float]:
     return first or total, (count - 1) / max(total - (first or 0), 1e-9)
 
 
+def hf_forward_once(
+    engine: Engine, ids: list[int], params: GenerationParams
+) -> tuple[float, list[int]]:
+    """(decode tok/s, tokens) of the engine with decode steps through transformers' forward."""
+    lean, engine.lean = engine.lean, None
+    try:
+        r = engine.generate(ids, params)
+    finally:
+        engine.lean = lean
+    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -160,6 +173,11 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
         "--compare-llama-cpp", action="store_true", help="Also run the GGUF through llama.cpp."
+    )
+    parser.add_argument(
+        "--compare-hf-forward",
+        action="store_true",
+        help="Also decode each round through transformers' forward instead of lean_decode.",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -205,6 +223,7 @@ def main() -> None:
     if llm is not None:
         on_model(lambda: llama_cpp_once(llm, ids[:64], 4))
     ours, theirs, llama_runs = [], [], []
+    hf_forward: list[tuple[float, list[int]]] = []
     # Interleaved, one run of each per round: the memory bandwidth of a shared machine
     # drifts by up to a third within an hour, and decode steps are bound by it.
     for _ in range(args.runs):
@@ -214,6 +233,8 @@ def main() -> None:
         theirs.append((ttft, (n - 1) / max(total - ttft, 1e-9), tokens))
         if llm is not None:
             llama_runs.append(on_model(lambda: llama_cpp_once(llm, ids, n)))
+        if args.compare_hf_forward and engine.lean is not None:
+            hf_forward.append(on_model(lambda: hf_forward_once(engine, ids, greedy)))
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
     gen_ttft = statistics.median(x[0] for x in theirs)
@@ -273,6 +294,15 @@ def main() -> None:
     elif args.compare_llama_cpp:
         logging.warning("skipping the llama.cpp comparison: %s", llama_missing)
         llama = {"llama_cpp": llama_missing}
+    hf: dict[str, Any] = {}
+    if hf_forward:
+        hf = {
+            "hf_forward_decode_tok_s": round(statistics.median(x[0] for x in hf_forward), 2),
+            "ratio_lean_vs_hf_forward_paired": round(
+                statistics.median(o[1] / x[0] for o, x in zip(ours, hf_forward, strict=True)), 3
+            ),
+            "hf_forward_tokens_identical": all(x[1] == ours[0][2] for x in hf_forward),
+        }
     result = {
         "model": args.model,
         "quantization": report.quantization,
@@ -300,6 +330,7 @@ def main() -> None:
         "greedy_matches_generate": ours[0][2] == theirs[0][2],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **llama,
+        **hf,
         **(
             {
                 "ratio_decode_vs_llama_cpp": round(engine_tps / llama["llama_cpp_decode_tok_s"], 3),
