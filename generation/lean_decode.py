@@ -88,19 +88,26 @@ class _Layer:
         # One kernel call and one slice per stack instead of a call per member.
         self.qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up = _group([mlp.gate_proj, mlp.up_proj])
+        self.first_member = attn.q_proj
+
+    def stacked(self, rows: int) -> bool:
+        # Above `prefill_rows` a QuantizedLinear takes its float weights instead of the
+        # kernel; the members then run one by one so the floats stay transformers'.
+        return self.qkv is not None and rows <= self.first_member.prefill_rows
 
     def attention_inputs(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, 1, H] -> q [B, Hq, 1, D], k and v [B, Hkv, 1, D], rotary applied to q, k."""
         b, d = x.shape[0], self.head_dim
-        if self.qkv is None:
+        if not self.stacked(b):
             q = self.q(x).view(b, 1, -1, d).transpose(1, 2)
             k = self.k(x).view(b, 1, -1, d).transpose(1, 2)
             v = self.v(x).view(b, 1, -1, d).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             return q, k, v
+        assert self.qkv is not None
         y = self.qkv.compute(x)  # [B, Nq + Nk + Nv]
         # Rotating q and k together is elementwise: the same floats as one at a time.
         qk = y[:, : self.qk_width].view(b, -1, 1, d)  # [B, Hq + Hkv, 1, D]
@@ -111,8 +118,9 @@ class _Layer:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 1, H] -> [B, 1, H]."""
-        if self.gate_up is None:
+        if self.gate_up is None or not self.stacked(x.shape[0]):
             return self.down(F.silu(self.gate(x)) * self.up(x))
+        assert self.gate_up is not None
         y = self.gate_up.compute(x)  # [B, 2 * I]
         hidden = F.silu(y[:, : self.gate_width]) * y[:, self.gate_width :]
         return self.down(hidden.unsqueeze(1))

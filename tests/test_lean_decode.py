@@ -71,17 +71,22 @@ def _padded_batch(engine: Engine, prompts: list[list[int]]):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int8-float-rows"])
 def test_lean_step_gives_the_same_logits_and_kv_as_transformers_forward(
     tokenizer, family, quantization
 ):
-    if quantization == "int8" and not KERNELS:
+    if quantization != "none" and not KERNELS:
         pytest.skip("ragqa's int8 kernel did not build here")
-    engine = _engine(tokenizer, family, quantization)
+    engine = _engine(tokenizer, family, quantization.removesuffix("-float-rows"))
     assert engine.lean is not None
+    if quantization == "int8-float-rows":
+        # A batch above `prefill_rows` takes the float weights, in transformers' path too.
+        for module in engine.model.modules():
+            if hasattr(module, "prefill_rows"):
+                module.prefill_rows = 1
     # With the kernels, the stacked q/k/v and gate/up path; without, one call per projection.
-    stacked = [(layer.qkv is not None, layer.gate_up is not None) for layer in engine.lean.layers]
-    assert stacked == [(quantization == "int8",) * 2] * 2
+    stacked = [layer.stacked(2) for layer in engine.lean.layers]
+    assert stacked == [quantization == "int8"] * 2
     prompts = [tokenizer.encode(t) for t in ("A longer prompt about copper wires", "Short")]
     tokens, positions, mask, kv = _padded_batch(engine, prompts)
     lean_kv, hf_kv = kv, kv
