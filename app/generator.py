@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
+from app.answer import warm_prompt_prefixes
 from app.services import Services
+from app.wiring import answerable_threshold
 from generation.engine import Engine, LoadReport
 from generation.provision import resolve_generator
 from generation.scheduler import Scheduler
@@ -34,6 +37,14 @@ def load_generator(services: Services) -> None:
         )
         engine.prefix_cache.max_entries = settings.prefix_cache
         engine.warm_up()
+        if settings.prefix_cache > 0:
+            start = time.perf_counter()
+            cached = warm_prompt_prefixes(engine, check=answerable_threshold(settings) > 0)
+            logger.info(
+                "prompt prefixes cached in %.1f s: %s tokens",
+                time.perf_counter() - start,
+                cached,
+            )
         reports.append(report)
         return engine
 

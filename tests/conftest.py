@@ -9,8 +9,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import uvicorn
 from sqlalchemy import create_engine, text
 
@@ -21,6 +23,28 @@ PG_URL = os.environ.get(
     "RAGQA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 MODEL_DIR = Path(os.environ.get("RAGQA_TEST_MODEL_DIR", "~/.cache/ragqa/models")).expanduser()
+
+
+# The shape of the tests' random-weight decoder models (grouped-query attention).
+TINY_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
+
+
+def tiny_llama(tokenizer: Any) -> Any:
+    """A random-weight 2-layer Llama (seed 0, fp32, eval mode) for a real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **TINY_SIZES
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from generation import attention
 from generation.engine import Engine
@@ -13,7 +13,7 @@ from generation.provision import pull_preset
 from generation.sampling import apply_repetition_penalty, sample, top_k_filter, top_p_filter
 from generation.scheduler import Scheduler
 from generation.stream import StreamDecoder
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, tiny_llama
 
 PROMPTS = [
     "Tell me about the history of the printing press.",
@@ -36,19 +36,7 @@ def tokenizer(small_path):
 @pytest.fixture(scope="module")
 def tiny_engine(tokenizer):
     """A random-weight 2-layer Llama with the real SmolLM2 tokenizer, in fp32."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return Engine(model, tokenizer, name="tiny")
+    return Engine(tiny_llama(tokenizer), tokenizer, name="tiny")
 
 
 @pytest.fixture(scope="module")

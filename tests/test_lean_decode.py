@@ -17,16 +17,8 @@ from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import quantize_model
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, TINY_SIZES
 
-SIZES = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-}
 KERNELS = qmatmul.load()
 
 
@@ -38,11 +30,11 @@ def tokenizer():
 def _engine(tokenizer, family: str, quantization: str) -> Engine:
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SIZES))
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_SIZES))
     elif family == "qwen2":  # biases on q/k/v, as in Qwen2.5
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **SIZES))
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **TINY_SIZES))
     else:
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), head_dim=16, **SIZES))
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), head_dim=16, **TINY_SIZES))
     model.eval()
     if quantization != "none":
         quantize_model(model, quantization, group_size=32)
