@@ -39,12 +39,16 @@ def load_generator(services: Services) -> None:
         engine.warm_up()
         if settings.prefix_cache > 0:
             start = time.perf_counter()
-            cached = warm_prompt_prefixes(engine, check=answerable_threshold(settings) > 0)
-            logger.info(
-                "prompt prefixes cached in %.1f s: %s tokens",
-                time.perf_counter() - start,
-                cached,
-            )
+            try:
+                cached = warm_prompt_prefixes(engine, check=answerable_threshold(settings) > 0)
+            except Exception as exc:  # only a head start: questions compute them anyway
+                logger.warning("could not cache the prompt prefixes at start-up: %s", exc)
+            else:
+                logger.info(
+                    "prompt prefixes cached in %.1f s: %s tokens",
+                    time.perf_counter() - start,
+                    cached,
+                )
         reports.append(report)
         return engine
 

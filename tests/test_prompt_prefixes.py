@@ -41,3 +41,26 @@ def test_the_first_question_reuses_the_prefixes_cached_at_start_up(engine, check
         assert reused == cached["check"] > 200  # instructions and worked examples
     else:
         assert reused < 200  # only what it shares with a system turn, if anything
+
+
+def test_a_failed_prefix_warm_up_still_leaves_the_generator_ready(settings_factory, monkeypatch):
+    from app import generator
+    from app.services import ComponentStatus, Services
+
+    def broken(engine, *, check):
+        raise ValueError("this chat template has no system role")
+
+    monkeypatch.setattr(generator, "warm_prompt_prefixes", broken)
+    status = ComponentStatus("generator")
+    services = Services(
+        settings=settings_factory(),
+        engine=None,  # type: ignore[arg-type]  (the database engine: not used here)
+        sessions=None,  # type: ignore[arg-type]
+        generator_status=status,
+        embedder_status=ComponentStatus("embedder"),
+    )
+    generator.load_generator(services)
+    try:
+        assert status.state == "ready", status.detail
+    finally:
+        generator.stop_generator(services)
