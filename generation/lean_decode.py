@@ -90,17 +90,20 @@ class _Layer:
         self.gate_up = _group([mlp.gate_proj, mlp.up_proj])
         self.first_member = attn.q_proj
 
-    def stacked(self, rows: int) -> bool:
-        # Above `prefill_rows` a QuantizedLinear takes its float weights instead of the
-        # kernel; the members then run one by one so the floats stay transformers'.
-        return self.qkv is not None and rows <= self.first_member.prefill_rows
+    def stacked(self, group: SiblingGroup | None, rows: int) -> bool:
+        """Whether `group` (`qkv` or `gate_up`) computes a batch of `rows` in one call.
+
+        Above `prefill_rows` a QuantizedLinear takes its float weights instead of the
+        kernel; the members then run one by one so the floats stay transformers'.
+        """
+        return group is not None and rows <= self.first_member.prefill_rows
 
     def attention_inputs(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, 1, H] -> q [B, Hq, 1, D], k and v [B, Hkv, 1, D], rotary applied to q, k."""
         b, d = x.shape[0], self.head_dim
-        if not self.stacked(b):
+        if not self.stacked(self.qkv, b):
             q = self.q(x).view(b, 1, -1, d).transpose(1, 2)
             k = self.k(x).view(b, 1, -1, d).transpose(1, 2)
             v = self.v(x).view(b, 1, -1, d).transpose(1, 2)
@@ -118,7 +121,7 @@ class _Layer:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 1, H] -> [B, 1, H]."""
-        if self.gate_up is None or not self.stacked(x.shape[0]):
+        if not self.stacked(self.gate_up, x.shape[0]):
             return self.down(F.silu(self.gate(x)) * self.up(x))
         assert self.gate_up is not None
         y = self.gate_up.compute(x)  # [B, 2 * I]

@@ -266,14 +266,8 @@ class SiblingGroup:
 
     def stacked(self, members: list[QuantizedLinear]) -> bool:
         """Whether `members` are exactly this group's, stacked in this order."""
-        return self.size == len(members) and all(
-            self.offsets.get(id(m))
-            == (
-                sum(p.out_features for p in members[:i]),
-                sum(p.out_features for p in members[: i + 1]),
-            )
-            for i, m in enumerate(members)
-        )
+        # `offsets` was filled member by member with adjacent ranges.
+        return [id(m) for m in members] == list(self.offsets)
 
     def output(self, x: torch.Tensor, member: QuantizedLinear) -> torch.Tensor:
         """x [..., K] -> this member's part of the stacked output, [rows, member's N]."""

@@ -4,8 +4,6 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -17,7 +15,7 @@ from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import quantize_model
-from tests.conftest import MODEL_DIR, TINY_SIZES
+from tests.conftest import MODEL_DIR, TINY_SIZES, tiny_llama
 
 KERNELS = qmatmul.load()
 
@@ -30,7 +28,7 @@ def tokenizer():
 def _engine(tokenizer, family: str, quantization: str) -> Engine:
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_SIZES))
+        model = tiny_llama(tokenizer)
     elif family == "qwen2":  # biases on q/k/v, as in Qwen2.5
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **TINY_SIZES))
     else:
@@ -77,8 +75,8 @@ def test_lean_step_gives_the_same_logits_and_kv_as_transformers_forward(
             if hasattr(module, "prefill_rows"):
                 module.prefill_rows = 1
     # With the kernels, the stacked q/k/v and gate/up path; without, one call per projection.
-    stacked = [layer.stacked(2) for layer in engine.lean.layers]
-    assert stacked == [quantization == "int8"] * 2
+    stacked = [(ly.stacked(ly.qkv, 2), ly.stacked(ly.gate_up, 2)) for ly in engine.lean.layers]
+    assert stacked == [(quantization == "int8",) * 2] * 2
     prompts = [tokenizer.encode(t) for t in ("A longer prompt about copper wires", "Short")]
     tokens, positions, mask, kv = _padded_batch(engine, prompts)
     lean_kv, hf_kv = kv, kv
