@@ -111,11 +111,16 @@ def warm_prompt_prefixes(engine: Engine, *, check: bool) -> dict[str, int]:
         engine.prefill_with_prefix(ids, n)
         done[lang] = n
     if check:
-        ids = engine.chat_ids(check_messages("a", "a"))
-        n = shared_prefix(ids, engine.chat_ids(check_messages("b", "b")))
-        engine.prefill_with_prefix(ids, n)
+        n = check_prefix_len(engine)
+        engine.prefill_with_prefix(engine.chat_ids(check_messages("a", "a")), n)
         done["check"] = n
     return done
+
+
+def check_prefix_len(engine: Engine) -> int:
+    """Tokens shared by every answerability check (system turn and examples)."""
+    a = engine.chat_ids(check_messages("a", "a"))
+    return shared_prefix(a, engine.chat_ids(check_messages("b", "b")))
 
 
 class Answerer:
@@ -157,10 +162,9 @@ class Answerer:
         return self._prefix_len[lang]
 
     def check_prefix(self) -> int:
-        """Tokens shared by every answerability check (system turn and examples)."""
+        """Tokens shared by every answerability check (see `check_prefix_len`)."""
         if self._check_prefix is None:
-            a = self.engine.chat_ids(check_messages("a", "a"))
-            self._check_prefix = shared_prefix(a, self.engine.chat_ids(check_messages("b", "b")))
+            self._check_prefix = check_prefix_len(self.engine)
         return self._check_prefix
 
     async def _standalone(self, inp: AskInput, lang: str) -> str:
