@@ -3,10 +3,13 @@
 Usage: python bench/quant_kernels.py [--model 1.5b|0.5b] [--rows 1,4,16,600] [--repeat 20]
 
 For each weight shape of the Qwen2.5 1.5B (or 0.5B) layers and the vocabulary projection,
-times y = x @ W.T for x with `rows` rows: float (the model dtype, the baseline), torch's
-weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels (generation/qmatmul.py).
-Reports median milliseconds per call and ratios of ragqa's kernels to the float baseline
-and to torch's kernel of the same width.
+times y = x @ W.T for x with `rows` rows: float (the model dtype, the baseline), the float
+weight stored column-major as prefill keeps it (generation/quant.py `prefill_layout`),
+torch's weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels
+(generation/qmatmul.py). Reports median milliseconds per call and ratios of ragqa's kernels
+to the float baseline and to torch's kernel of the same width, and of the column-major
+float weight to the row-major one. Above 16 rows (where the engine takes the float path)
+only the float layouts are timed.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
 instead streams every layer's weights from memory once, so `decode_step` times ragqa's
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from generation import qmatmul
 from generation.device import choose_dtype
-from generation.quant import quantize_int4, quantize_int8, quantize_int8_blocks
+from generation.quant import prefill_layout, quantize_int4, quantize_int8, quantize_int8_blocks
 
 SHAPES = {  # name -> (out_features N, in_features K)
     "1.5b": {
@@ -52,6 +55,9 @@ SHAPES = {  # name -> (out_features N, in_features K)
 
 
 LAYERS = {"1.5b": 28, "0.5b": 24}
+# Above this many rows the engine multiplies by float weights (QuantizedLinear's
+# prefill_rows), and torch's int4 kernel would take minutes on the vocabulary projection.
+PREFILL_ROWS = 16
 
 
 def median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -127,6 +133,7 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     for name, (n, k) in SHAPES[args.model].items():
         w = (torch.randn(n, k) * 0.02).to(dtype)
+        w_columns = prefill_layout(w)
         q4, sz = quantize_int4(w, g)
         packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
         sz_dtype = sz.to(dtype)
@@ -137,43 +144,47 @@ def main() -> None:
         del q4
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k).to(dtype)
+            timing: dict[str, float] = {}
             with torch.inference_mode():
-                timing = {
-                    "float_ms": median_ms(lambda: F.linear(x, w), args.repeat),  # noqa: B023
-                    "torch_int8_ms": median_ms(
-                        lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),  # noqa: B023
-                        args.repeat,
-                    ),
-                    "torch_int4_ms": median_ms(
-                        lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                            x,  # noqa: B023
-                            packed4,  # noqa: B023
-                            g,
-                            sz_dtype,  # noqa: B023
+                timing["float_ms"] = median_ms(lambda: F.linear(x, w), args.repeat)  # noqa: B023
+                timing["float_column_major_ms"] = median_ms(
+                    lambda: F.linear(x, w_columns),  # noqa: B023
+                    args.repeat,
+                )
+                if rows <= PREFILL_ROWS:
+                    timing |= {
+                        "torch_int8_ms": median_ms(
+                            lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),  # noqa: B023
+                            args.repeat,
                         ),
-                        args.repeat,
-                    ),
-                    "ragqa_int4_ms": median_ms(
-                        lambda: qmatmul.int4_linear(x, qs, sm, g),  # noqa: B023
-                        args.repeat,
-                    ),
-                    "ragqa_int8_ms": median_ms(
-                        lambda: qmatmul.int8_linear(x, q8b, s8b),  # noqa: B023
-                        args.repeat,
-                    ),
-                }
-            timing["ratio_ragqa_int4_vs_float"] = round(
-                timing["ragqa_int4_ms"] / timing["float_ms"], 3
-            )
-            timing["ratio_ragqa_int4_vs_torch_int4"] = round(
-                timing["ragqa_int4_ms"] / timing["torch_int4_ms"], 3
-            )
-            timing["ratio_ragqa_int8_vs_float"] = round(
-                timing["ragqa_int8_ms"] / timing["float_ms"], 3
-            )
-            timing["ratio_ragqa_int8_vs_torch_int8"] = round(
-                timing["ragqa_int8_ms"] / timing["torch_int8_ms"], 3
-            )
+                        "torch_int4_ms": median_ms(
+                            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                                x,  # noqa: B023
+                                packed4,  # noqa: B023
+                                g,
+                                sz_dtype,  # noqa: B023
+                            ),
+                            args.repeat,
+                        ),
+                        "ragqa_int4_ms": median_ms(
+                            lambda: qmatmul.int4_linear(x, qs, sm, g),  # noqa: B023
+                            args.repeat,
+                        ),
+                        "ragqa_int8_ms": median_ms(
+                            lambda: qmatmul.int8_linear(x, q8b, s8b),  # noqa: B023
+                            args.repeat,
+                        ),
+                    }
+            ratios = {
+                "float_column_major_vs_row_major": ("float_column_major_ms", "float_ms"),
+                "ragqa_int4_vs_float": ("ragqa_int4_ms", "float_ms"),
+                "ragqa_int4_vs_torch_int4": ("ragqa_int4_ms", "torch_int4_ms"),
+                "ragqa_int8_vs_float": ("ragqa_int8_ms", "float_ms"),
+                "ragqa_int8_vs_torch_int8": ("ragqa_int8_ms", "torch_int8_ms"),
+            }
+            for label, (a, b) in ratios.items():
+                if a in timing and b in timing:
+                    timing[f"ratio_{label}"] = round(timing[a] / timing[b], 3)
             results[f"{name} {n}x{k} rows={rows}"] = timing
     out = {
         "model": args.model,

@@ -18,7 +18,7 @@ from generation.quant import (
     quantize_model,
     resolve_mode,
 )
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, tiny_llama
 
 
 def _linear(n=96, k=256, bias=True):
@@ -57,6 +57,27 @@ def test_many_rows_take_the_bf16_path_exactly():
     x = torch.randn(40, 256, dtype=torch.bfloat16)
     q = QuantizedLinear(dense, "int4", prefill_rows=16)
     assert torch.equal(q(x), dense(x))
+
+
+def test_prefill_weights_are_column_major_with_the_same_values_and_the_tied_embedding_kept():
+    tokenizer = AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+    model = tiny_llama(tokenizer)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in Qwen2.5 0.5B
+    reference = tiny_llama(tokenizer)
+    reference.lm_head.weight = reference.model.embed_tokens.weight
+    quantize_model(model, "int8")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantizedLinear)
+    n = q_proj.out_features
+    assert q_proj.weight.stride() == (1, n)
+    assert torch.equal(q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.is_contiguous()
+    # 40 rows take the float weights everywhere: the same logits as the unquantized model.
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.inference_mode():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
