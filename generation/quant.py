@@ -11,6 +11,7 @@ keeps prefill as fast as without quantization (faster, with `prefill_layout`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from pathlib import Path
@@ -113,7 +114,12 @@ def prefill_layout(weight: torch.Tensor) -> nn.Parameter:
     median of 5 alternated runs of a throwaway script), with bit-identical
     logits. Decode steps do not read this weight (they use the packed one).
     """
-    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    w = weight.detach()
+    # torch's own copy of a transposed view is ~3x slower than the tiled kernel.
+    columns = qmatmul.transpose(w) if w.dtype == torch.float32 and qmatmul.load() else None
+    if columns is None:
+        columns = w.t().contiguous()
+    return nn.Parameter(columns.t(), requires_grad=False)
 
 
 class QuantizedLinear(nn.Module):
@@ -333,6 +339,19 @@ def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
+def _return_freed_memory() -> None:
+    """Give the heap memory of the freed row-major weights back to the OS.
+
+    glibc keeps freed heap memory for reuse: after the prefill layout's copies the 1.5B
+    model stayed 0.6 GB larger (9.6 GB resident instead of 9.0) until this call.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return
+    libc.malloc_trim(0)
+
+
 def quantize_model(
     model: nn.Module,
     mode: str,
@@ -375,6 +394,9 @@ def quantize_model(
         # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
         if linear.weight.dtype == torch.float32 and id(linear.weight) not in embeddings:
             quantized.weight = prefill_layout(linear.weight)
+            # Let the row-major original go now, not when the loop ends: holding them all
+            # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
+            linear.weight = None  # type: ignore[assignment]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantized)
@@ -382,6 +404,7 @@ def quantize_model(
         tmp = cache.with_name(cache.name + ".tmp")
         save_file({**stored, **to_save}, str(tmp))
         tmp.replace(cache)
+    _return_freed_memory()
     fused = fuse_siblings(model) if fuse else 0
     seconds = time.perf_counter() - start
     logger.info(
