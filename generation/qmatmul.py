@@ -1,7 +1,5 @@
 """ragqa's int4/int8 x int8 matmul kernels (csrc/qmatmul.cpp): building, weight layout, calls.
 
-The same library holds a tiled float32 transpose, for the float weights' prefill layout.
-
 The C++ source is compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
@@ -134,8 +132,3 @@ def int4_linear(
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype), qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_linear(x.float(), qw, scales)
-
-
-def transpose(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] float32 -> w.T as a contiguous [K, N] tensor (needs `load()`)."""
-    return torch.ops.ragqa_qmatmul.transpose_f32(w)

@@ -112,14 +112,11 @@ def prefill_layout(weight: torch.Tensor) -> nn.Parameter:
     1152x896, 896x896, 4864x896 and 896x4864 took 0.75x, 0.91x, 0.94x and 0.96x of the
     time, and the whole 623-token prefill of the 0.5B int8 4.6 % less (3.80 s -> 3.63 s,
     median of 5 alternated runs of a throwaway script), with bit-identical
-    logits. Decode steps do not read this weight (they use the packed one).
+    logits. The 1.5B's shapes gained 2-4 % (`--model 1.5b`), within the noise of a 5-run
+    A/B of its prefill. The copy makes loading the 1.5B ~4.5 s longer (3.6-5.2 s -> 8.5-9.5
+    s, int8 from the cache). Decode steps do not read this weight (they use the packed one).
     """
-    w = weight.detach()
-    # torch's own copy of a transposed view is ~3x slower than the tiled kernel.
-    columns = qmatmul.transpose(w) if w.dtype == torch.float32 and qmatmul.load() else None
-    if columns is None:
-        columns = w.t().contiguous()
-    return nn.Parameter(columns.t(), requires_grad=False)
+    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 class QuantizedLinear(nn.Module):

@@ -117,22 +117,6 @@ def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound()
     assert (err <= bound + 1e-4).all() and err.max() > 0
 
 
-@pytest.mark.parametrize("shape", [(37, 70), (64, 32), (1, 5), (100, 33)])
-def test_tiled_transpose_equals_torchs_for_shapes_that_do_not_fill_the_tiles(shape):
-    w = torch.randn(*shape)
-    out = qmatmul.transpose(w)
-    assert out.is_contiguous() and torch.equal(out, w.t())
-    # A non-contiguous source is read by value, not by its storage order.
-    assert torch.equal(qmatmul.transpose(w.t()), w)
-
-
-def test_transpose_rejects_what_is_not_a_float32_matrix():
-    with pytest.raises(RuntimeError, match="2-D float32"):
-        qmatmul.transpose(torch.randn(4, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="2-D float32"):
-        qmatmul.transpose(torch.randn(2, 3, 4))
-
-
 def test_kernel_rejects_a_group_that_does_not_divide_the_inputs():
     _, _, qs, sm = _weights()
     with pytest.raises(RuntimeError, match="group must be a multiple of 32"):

@@ -23,7 +23,6 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -284,43 +283,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return y;
 }
 
-// src [N, K] float32 -> src.T as a contiguous [K, N] tensor, copied in 32x32 tiles.
-// Prefill keeps float weights column-major (quant.prefill_layout); torch's copy of a
-// transposed view writes with a stride of N floats and ran at ~1.5 GB/s on a Zen 2,
-// 4 s for the 1.5B model's 6 GB. A tile's 32 source rows stay in L1 while it is copied.
-at::Tensor transpose_f32(const at::Tensor& src) {
-  TORCH_CHECK(src.dim() == 2 && src.scalar_type() == at::kFloat,
-              "src must be a 2-D float32 tensor, got ", src.dim(), "-D ", src.scalar_type());
-  const at::Tensor sc = src.contiguous();
-  const int64_t N = sc.size(0), K = sc.size(1);
-  at::Tensor out = at::empty({K, N}, sc.options());
-  const float* sp = sc.data_ptr<float>();
-  float* dp = out.data_ptr<float>();
-  constexpr int64_t kTile = 32;
-  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kTile, i1 = std::min(i0 + kTile, N);
-      for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-        const int64_t j1 = std::min(j0 + kTile, K);
-        for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t i = i0; i < i1; ++i) dp[j * N + i] = sp[i * K + j];
-        }
-      }
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
-  m.def("transpose_f32(Tensor src) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
-  m.impl("transpose_f32", &transpose_f32);
 }
