@@ -34,6 +34,7 @@ def load_generator(services: Services) -> None:
             name=settings.generator,
             quantization=settings.quantization,
             group_size=settings.quant_group_size,
+            prefill_weights=settings.prefill_weights,
         )
         engine.prefix_cache.max_entries = settings.prefix_cache
         engine.warm_up()
@@ -67,7 +68,8 @@ def load_generator(services: Services) -> None:
     status.set(
         "ready",
         f"{report.model} on {report.device} ({report.dtype}, quantization "
-        f"{report.quantization}), loaded in {report.load_s}s",
+        f"{report.quantization}, prefill from {report.prefill_weights} weights), "
+        f"loaded in {report.load_s}s",
     )
 
 

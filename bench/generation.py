@@ -172,6 +172,12 @@ def main() -> None:
     parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="none")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
+        "--prefill-weights",
+        choices=["auto", "float", "quantized"],
+        default="auto",
+        help="What a quantized model prefills with (RAGQA_PREFILL_WEIGHTS).",
+    )
+    parser.add_argument(
         "--compare-llama-cpp", action="store_true", help="Also run the GGUF through llama.cpp."
     )
     parser.add_argument(
@@ -193,6 +199,7 @@ def main() -> None:
             name=args.model,
             quantization=args.quant,
             group_size=args.group_size,
+            prefill_weights=args.prefill_weights,
         )
         reports.append(report)
         return engine
@@ -306,6 +313,7 @@ def main() -> None:
     result = {
         "model": args.model,
         "quantization": report.quantization,
+        "prefill_weights": report.prefill_weights,
         "device": report.device,
         "dtype": report.dtype,
         "threads": torch.get_num_threads(),

@@ -40,6 +40,7 @@ class LoadReport:
     load_s: float
     context_length: int
     quantization: str = "none"
+    prefill_weights: str = "float"  # "quantized": a quantized model's prefill expands packs
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Engine:
         name: str = "",
         quantization: str = "none",
         group_size: int = 64,
+        prefill_weights: str = "float",
     ) -> tuple[Engine, LoadReport]:
         start = time.perf_counter()
         dev = choose_device(device)
@@ -128,7 +130,14 @@ class Engine:
             else:
                 folder = Path(path)
                 cache = cache_path(folder, quantization, group_size) if folder.is_dir() else None
-                quantize_model(model, quantization, group_size=group_size, cache=cache)
+                done = quantize_model(
+                    model,
+                    quantization,
+                    group_size=group_size,
+                    cache=cache,
+                    prefill_weights=prefill_weights,
+                )
+                prefill_weights = str(done["prefill_weights"])
         engine = cls(model, tokenizer, name=name or str(path))
         report = LoadReport(
             model=engine.name,
@@ -137,6 +146,7 @@ class Engine:
             load_s=round(time.perf_counter() - start, 2),
             context_length=engine.context_length,
             quantization=quantization,
+            prefill_weights=prefill_weights if quantization != "none" else "float",
         )
         logger.info(
             "loaded generator %s on %s (%s, quantization %s) in %.1f s",

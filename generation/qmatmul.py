@@ -132,3 +132,13 @@ def int4_linear(
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype), qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_linear(x.float(), qw, scales)
+
+
+def int8_dequantize(qw: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """qw [N, K] int8, scales [N, K/32] float16 -> out [N, K] float32 (written in place)."""
+    torch.ops.ragqa_qmatmul.q8_dequantize(qw, scales, out)
+
+
+def int4_dequantize(qs: torch.Tensor, sm: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
+    """qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> out [N, K] float32 (written in place)."""
+    torch.ops.ragqa_qmatmul.q4_dequantize(qs, sm, group_size, out)

@@ -4,9 +4,16 @@ Decoding on a CPU is bound by the bytes of weights read per token, so decode ste
 packed weights: int8 per block of 32 inputs or int4 per group, multiplied by ragqa's
 int8-activation kernels (`qmatmul.py`) or, where those cannot be built, torch's. Those
 kernels are built for a few rows at a time and lose to a float matmul on a long prefill,
-so each layer also keeps its float weight and uses it when a call has more than
-`prefill_rows` rows. That costs memory (float + int copy), which this machine has; it
-keeps prefill as fast as without quantization (faster, with `prefill_layout`).
+so a call with more than `prefill_rows` rows multiplies float weights. Where they come
+from is `prefill_weights`:
+- "float": each layer keeps its float weight. The fastest prefill, for 4 bytes a weight
+  on top of the packed copy (the 1.5B model: 11.9-12.4 GB peak RSS in the benchmark).
+- "quantized": each call expands the packed weights into one float scratch shared by the
+  layers (`PrefillScratch`). Memory is the packed copy's plus the largest layer's floats;
+  each long call pays one pass that writes a layer's floats (figures in README), and the
+  prefill reads weights rounded to int8/int4 (the activations stay exact).
+- "auto": "float" when the float weights take at most half of the memory the system
+  has available once they are loaded, else "quantized" (`choose_prefill_weights`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from generation import qmatmul
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
+PREFILL_WEIGHTS = ("auto", "float", "quantized")
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
 
@@ -119,6 +127,35 @@ def prefill_layout(weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
 
 
+class PrefillScratch:
+    """One float buffer that the layers of a model expand their packed weights into.
+
+    Layers run one after another on the generator's thread, so one buffer of the largest
+    layer's size serves them all; a tensor allocated per call would be mapped and
+    page-faulted anew each time (a stacked gate/up of the 1.5B model is 110 MB).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        """A contiguous [rows, cols] float32 view of the buffer (grown when too small)."""
+        if self.buffer.numel() < rows * cols:
+            self.buffer = torch.empty(rows * cols)
+        return self.buffer[: rows * cols].view(rows, cols)
+
+
+def expand_packed(
+    qweight: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int, out: torch.Tensor
+) -> torch.Tensor:
+    """The float weight [N, K] that the kernels' packed int8/int4 weights stand for, in `out`."""
+    if mode == "int8":
+        qmatmul.int8_dequantize(qweight, scales, out)
+    else:
+        qmatmul.int4_dequantize(qweight, scales, group_size, out)
+    return out
+
+
 class QuantizedLinear(nn.Module):
     def __init__(
         self,
@@ -140,7 +177,10 @@ class QuantizedLinear(nn.Module):
         self.in_features = dense.in_features
         self.out_features = dense.out_features
         self.siblings: SiblingGroup | None = None  # set by `fuse_siblings`
-        self.weight = dense.weight  # float, for prefill (shared when tied to embeddings)
+        # Float, for prefill (shared when tied to embeddings); None when the layer expands
+        # its packed weights into `scratch` instead (prefill_weights "quantized").
+        self.weight: nn.Parameter | None = dense.weight
+        self.scratch: PrefillScratch | None = None
         self.bias = dense.bias
         dtype = dense.weight.dtype
         if packed is None:
@@ -178,6 +218,21 @@ class QuantizedLinear(nn.Module):
             )
             self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
 
+    def prefill_weight(self) -> torch.Tensor:
+        """The float weight [N, K] a long call multiplies: kept, or expanded into scratch."""
+        if self.weight is not None:
+            return self.weight
+        assert self.scratch is not None  # `drop_float_weight` set it
+        w = self.scratch.take(self.out_features, self.in_features)
+        return expand_packed(self.qweight, self.scales, self.mode, self.group_size, w)
+
+    def drop_float_weight(self, scratch: PrefillScratch) -> None:
+        """Prefill from the packed weights, expanded into `scratch`, and free the float one."""
+        if not self.kernel:
+            raise ValueError("prefill from packed weights needs ragqa's kernels")
+        self.weight = None
+        self.scratch = scratch
+
     @staticmethod
     def quantize(weight: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
         if mode == "int8":
@@ -200,7 +255,10 @@ class QuantizedLinear(nn.Module):
         """x [..., K] -> [..., N]."""
         rows = x.numel() // self.in_features
         if rows > self.prefill_rows:
-            return F.linear(x, self.weight, self.bias)
+            # Members of a sibling group too: stacked, their outputs would be strided
+            # slices, which made the elementwise ops after them (silu, mul, the bias add)
+            # twice as slow and cost more than one GEMM over the stack saves.
+            return F.linear(x, self.prefill_weight(), self.bias)
         if self.siblings is not None:
             return self.siblings.output(x, self).reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
@@ -248,12 +306,13 @@ class SiblingGroup:
         self.qweight = torch.cat([m.qweight for m in members])
         self.scales = torch.cat([m.scales for m in members])
         biases = [m.bias for m in members]
+        given = [b for b in biases if b is not None]
         self.bias = (
             None
-            if all(b is None for b in biases)
+            if not given
             else torch.cat(
                 [
-                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                    b.detach() if b is not None else given[0].new_zeros(m.out_features)
                     for b, m in zip(biases, members, strict=True)
                 ]
             )
@@ -349,6 +408,35 @@ def _return_freed_memory() -> None:
     trim(0)
 
 
+def available_memory() -> int | None:
+    """Bytes the system can still hand out (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) -> str:
+    """ "float" or "quantized" for a prefill_weights setting (see the module's docstring).
+
+    `float_bytes` is what the float copies take, `available` what the system has left with
+    them loaded. "auto" keeps them when they take at most half of it, which leaves the
+    machine as much again for the KV cache, the embedder, the index and other programs;
+    where the available memory is unknown it keeps them (the faster prefill).
+    """
+    if asked not in PREFILL_WEIGHTS:
+        raise ValueError(f"prefill_weights must be one of {PREFILL_WEIGHTS}, got {asked!r}")
+    if asked != "auto":
+        return asked
+    if available is None or float_bytes <= available // 2:
+        return "float"
+    return "quantized"
+
+
 def quantize_model(
     model: nn.Module,
     mode: str,
@@ -357,21 +445,36 @@ def quantize_model(
     cache: Path | None = None,
     prefill_rows: int = 16,
     fuse: bool = True,
+    prefill_weights: str = "float",
 ) -> dict[str, object]:
     """Replace every nn.Linear (lm_head included) in place; returns what was done.
 
     With `cache`, quantized weights are read from that file when present (no
     re-quantization) and written there the first time. With `fuse`, projections that
     share an input run as one kernel call on decode steps (`SiblingGroup`).
+    `prefill_weights` is "float", "quantized" or "auto" (module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
+    if prefill_weights not in PREFILL_WEIGHTS:
+        raise ValueError(
+            f"prefill_weights must be one of {PREFILL_WEIGHTS}, got {prefill_weights!r}"
+        )
     if mode == "none":
         return {"mode": "none"}
     start = time.perf_counter()
     # The vocabulary projection may share its weight with the token embedding, which looks
     # rows up and must stay row-major (and whose prefill needs only the last position).
+    # It costs nothing to keep, so it keeps its float weight whatever prefill_weights says.
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    float_bytes = sum(
+        m.weight.numel() * m.weight.element_size()
+        for _, m in _targets(model)
+        if id(m.weight) not in embeddings
+    )
+    prefill_weights = choose_prefill_weights(prefill_weights, float_bytes, available_memory())
+    scratch = PrefillScratch() if prefill_weights == "quantized" else None
+    dropped = 0
     stored: dict[str, torch.Tensor] = {}
     from_cache = cache is not None and cache.exists()
     if from_cache:
@@ -388,8 +491,13 @@ def quantize_model(
         quantized = QuantizedLinear(
             linear, mode, group_size=group_size, prefill_rows=prefill_rows, packed=packed
         )
+        tied = id(linear.weight) in embeddings
+        if scratch is not None and quantized.kernel and not tied:
+            quantized.drop_float_weight(scratch)
+            linear.weight = None  # type: ignore[assignment]
+            dropped += 1
         # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
-        if linear.weight.dtype == torch.float32 and id(linear.weight) not in embeddings:
+        elif linear.weight.dtype == torch.float32 and not tied:
             quantized.weight = prefill_layout(linear.weight)
             # Let the row-major original go now, not when the loop ends: holding them all
             # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
@@ -404,8 +512,18 @@ def quantize_model(
     _return_freed_memory()
     fused = fuse_siblings(model) if fuse else 0
     seconds = time.perf_counter() - start
+    if scratch is not None and dropped == 0:
+        # Without ragqa's kernels (no AVX2, no compiler) nothing can expand the packs.
+        logger.warning("prefill_weights quantized needs ragqa's kernels; keeping float weights")
+        prefill_weights = "float"
     logger.info(
-        "quantized to %s in %.1f s (%s)", mode, seconds, "cached" if from_cache else "computed"
+        "quantized to %s in %.1f s (%s); prefill from %s weights (%.2f GB of floats %s)",
+        mode,
+        seconds,
+        "cached" if from_cache else "computed",
+        prefill_weights,
+        float_bytes / 1e9,
+        "kept" if prefill_weights == "float" else "freed",
     )
     return {
         "mode": mode,
@@ -413,4 +531,5 @@ def quantize_model(
         "seconds": seconds,
         "from_cache": from_cache,
         "fused_groups": fused,
+        "prefill_weights": prefill_weights,
     }

@@ -5,12 +5,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from generation import qmatmul
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import (
     QuantizedLinear,
     cache_path,
+    choose_prefill_weights,
     dequantize_int4,
     dequantize_int8_blocks,
     quantize_int4,
@@ -19,6 +21,12 @@ from generation.quant import (
     resolve_mode,
 )
 from tests.conftest import MODEL_DIR, tiny_llama
+
+
+@pytest.fixture
+def kernels():
+    if not qmatmul.load():
+        pytest.skip("ragqa's kernels do not build here (no AVX2 or no compiler)")
 
 
 def _linear(n=96, k=256, bias=True):
@@ -99,6 +107,22 @@ def tiny_bf16_model_dir(tmp_path_factory):
     return folder
 
 
+def _engine_greedy(engine, ids, n=12):
+    return engine.generate(ids, GenerationParams(max_new_tokens=n, ignore_eos=True)).token_ids
+
+
+def _hf_greedy(engine, ids, n=12):
+    """transformers' generate() on the engine's own (quantized) model, greedy, n tokens."""
+    return engine.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=engine.tokenizer.eos_token_id,
+    )[0][len(ids) :].tolist()
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_engine_greedy_with_quantization_matches_hf_generate_on_same_model(
     tiny_bf16_model_dir, mode
@@ -107,16 +131,7 @@ def test_engine_greedy_with_quantization_matches_hf_generate_on_same_model(
     assert report.quantization == mode
     assert any(isinstance(m, QuantizedLinear) for m in engine.model.modules())
     ids = engine.chat_ids([{"role": "user", "content": "Say something about rivers."}])
-    ours = engine.generate(ids, GenerationParams(max_new_tokens=12, ignore_eos=True)).token_ids
-    hf = engine.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=12,
-        min_new_tokens=12,
-        do_sample=False,
-        pad_token_id=engine.tokenizer.eos_token_id,
-    )[0][len(ids) :].tolist()
-    assert ours == hf
+    assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -159,3 +174,78 @@ def test_auto_quantization_keeps_float_weights_without_the_kernels_or_off_the_cp
     assert resolve_mode("int4", torch.device("cpu")) == "int4"  # an explicit mode is kept
     with pytest.raises(ValueError, match=r"one of \('auto', 'none', 'int8', 'int4'\), got 'fast'"):
         resolve_mode("fast", torch.device("cpu"))
+
+
+def test_expanding_packed_weights_gives_the_values_the_kernels_multiply(kernels):
+    torch.manual_seed(0)
+    w = torch.randn(40, 256)
+    q8, s8 = quantize_int8_blocks(w)
+    out = torch.empty(40, 256)
+    qmatmul.int8_dequantize(q8, s8.half(), out)
+    assert torch.equal(out, dequantize_int8_blocks(q8, s8.half()).float())
+    q4, sz = quantize_int4(w, 64)
+    qs, sm = qmatmul.pack_int4(q4, sz)
+    qmatmul.int4_dequantize(qs, sm, 64, out)
+    # The int4 kernel's own form: w = q * s + m with float16 s and m per group of 64.
+    s, m = (sm[..., i].float().repeat_interleave(64, dim=1) for i in (0, 1))
+    torch.testing.assert_close(out, q4.float() * s + m, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out must be a contiguous float32 tensor of 10240"):
+        qmatmul.int8_dequantize(q8, s8.half(), torch.empty(40, 255))
+
+
+def _rounded_reference(tokenizer):
+    """tiny_llama with every decoder layer's weight rounded as int8 per block of 32."""
+    model = tiny_llama(tokenizer)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.model.layers.modules():
+        if isinstance(module, nn.Linear):
+            q, scales = quantize_int8_blocks(module.weight.detach())
+            module.weight.data = dequantize_int8_blocks(q, scales.half()).float()
+    return model
+
+
+def test_quantized_prefill_frees_the_float_weights_and_multiplies_the_rounded_ones(kernels):
+    tokenizer = AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+    model = tiny_llama(tokenizer)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in Qwen2.5 0.5B
+    kept = tiny_llama(tokenizer)
+    kept.lm_head.weight = kept.model.embed_tokens.weight
+    info = quantize_model(model, "int8", prefill_weights="quantized")
+    quantize_model(kept, "int8", prefill_weights="float")
+    assert info["prefill_weights"] == "quantized" and info["fused_groups"] == 4
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14 and all(m.weight is None for m in layers)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # costs nothing: kept
+    long_ids, short_ids = torch.tensor([list(range(5, 45))]), torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        # 40 rows: float GEMMs over the expanded int8 weights, as the rounded model does.
+        torch.testing.assert_close(
+            model(long_ids).logits,
+            _rounded_reference(tokenizer)(long_ids).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        # 3 rows take the int8 kernels whichever weights prefill uses.
+        assert torch.equal(model(short_ids).logits, kept(short_ids).logits)
+
+
+def test_auto_prefill_weights_keeps_floats_only_when_they_take_half_the_memory_or_less():
+    assert choose_prefill_weights("auto", 5, 10) == "float"
+    assert choose_prefill_weights("auto", 6, 10) == "quantized"
+    assert choose_prefill_weights("auto", 6, None) == "float"  # unknown: the faster one
+    assert choose_prefill_weights("quantized", 1, 10**12) == "quantized"
+    assert choose_prefill_weights("float", 10**12, 1) == "float"
+    with pytest.raises(ValueError, match=r"one of \('auto', 'float', 'quantized'\), got 'int8'"):
+        choose_prefill_weights("int8", 1, 1)
+
+
+def test_engine_with_quantized_prefill_reports_it_and_decodes_as_generate_does(
+    tiny_bf16_model_dir, kernels
+):
+    engine, report = Engine.load(
+        tiny_bf16_model_dir, dtype="float32", quantization="int8", prefill_weights="quantized"
+    )
+    assert report.prefill_weights == "quantized"
+    ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
+    assert len(ids) > 16  # the prompt takes the expanded weights
+    assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)

@@ -83,3 +83,14 @@ def test_answerability_threshold_defaults_to_the_one_measured_for_the_generator(
     assert answerable_threshold(Settings(generator=str(tmp_path))) == 0.0
     monkeypatch.setenv("RAGQA_ANSWERABLE_THRESHOLD", "0.4")
     assert answerable_threshold(Settings(generator="qwen2.5-coder-0.5b-instruct")) == 0.4
+
+
+def test_prefill_weights_setting_is_read_and_unknown_values_are_rejected(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAGQA_PREFILL_WEIGHTS", "quantized")
+    assert Settings().prefill_weights == "quantized"
+    monkeypatch.setenv("RAGQA_PREFILL_WEIGHTS", "int8")
+    with pytest.raises(
+        ValidationError, match=r"prefill_weights[\s\S]*'auto', 'float' or 'quantized'"
+    ):
+        Settings()

@@ -283,14 +283,90 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return y;
 }
 
+// Weights expanded back to float for a long prefill, where an fp32 GEMM beats these
+// kernels (they convert and scale per block of 32 for every activation row). Writing into
+// a caller's buffer lets one scratch serve every layer: a fresh tensor of this size is
+// mapped and page-faulted anew by every call.
+
+// qw [N, K] int8, scales [N, K/32] float16 -> out [N, K] float32, w = q * d.
+void q8_dequantize(const at::Tensor& qw, const at::Tensor& scales, const at::Tensor& out) {
+  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
+              "qw must be [N, K] int8 and scales float16");
+  const int64_t N = qw.size(0), K = qw.size(1), nb = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0 && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == nb,
+              "scales must be [N, K/32] for qw of shape [", N, ", ", K, "]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == N * K,
+              "out must be a contiguous float32 tensor of ", N * K, " elements");
+  const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* q = wp + n * K + b * kBlock;
+        float* o = op + n * K + b * kBlock;
+        const __m256 d = _mm256_set1_ps(half_to_float(sp[n * nb + b]));
+        for (int i = 0; i < 4; ++i) {
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+          _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8))));
+        }
+      }
+    }
+  });
+}
+
+// qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> out [N, K] float32, w = q * s + m.
+void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
+                   const at::Tensor& out) {
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && sm.scalar_type() == at::kHalf,
+              "qs must be [N, K/2] uint8 and sm float16");
+  const int64_t N = qs.size(0), K = qs.size(1) * 2;
+  TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0,
+              "group must be a multiple of 32 dividing K, got group ", group, " and K ", K);
+  const int64_t ng = K / group, per_group = group / kBlock;
+  TORCH_CHECK(sm.dim() == 3 && sm.size(0) == N && sm.size(1) == ng && sm.size(2) == 2,
+              "sm must be [N, K/group, 2] for qs of shape [", N, ", ", K / 2, "]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == N * K,
+              "out must be a contiguous float32 tensor of ", N * K, " elements");
+  const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < ng; ++g) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sp[(n * ng + g) * 2]));
+        const __m256 m = _mm256_set1_ps(half_to_float(sp[(n * ng + g) * 2 + 1]));
+        for (int64_t j = 0; j < per_group; ++j) {
+          const int64_t b = g * per_group + j;
+          const __m256i q = expand_nibbles(qp + n * (K / 2) + b * (kBlock / 2));
+          alignas(32) uint8_t bytes[32];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), q);
+          float* o = op + n * K + b * kBlock;
+          for (int i = 0; i < 4; ++i) {
+            const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i));
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+            _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(v, s, m));
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
+  m.def("q8_dequantize(Tensor qw, Tensor scales, Tensor(a!) out) -> ()");
+  m.def("q4_dequantize(Tensor qs, Tensor sm, int group, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
+  m.impl("q8_dequantize", &q8_dequantize);
+  m.impl("q4_dequantize", &q4_dequantize);
 }
