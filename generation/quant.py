@@ -111,8 +111,11 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch
     return w.reshape(n, k)
 
 
-def prefill_layout(weight: torch.Tensor) -> nn.Parameter:
+def prefill_layout(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> nn.Parameter:
     """A float weight [N, K] with the same values, stored column-major (a [K, N] tensor's .t()).
+
+    A narrower weight (bfloat16 as loaded) is transposed first and widened to `dtype`
+    after, so the copy on the way costs 2 bytes a weight instead of 4.
 
     F.linear(x, W) computes x @ W.T: with W stored row-major, MKL's sgemm reads B
     transposed; stored this way, it reads B as it lies. On a Zen 2 CPU (2 threads, fp32,
@@ -124,7 +127,7 @@ def prefill_layout(weight: torch.Tensor) -> nn.Parameter:
     A/B of its prefill. The copy makes loading the 1.5B ~4.5 s longer (3.6-5.2 s -> 8.5-9.5
     s, int8 from the cache). Decode steps do not read this weight (they use the packed one).
     """
-    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    return nn.Parameter(weight.detach().t().contiguous().to(dtype).t(), requires_grad=False)
 
 
 class PrefillScratch:
@@ -166,7 +169,9 @@ class QuantizedLinear(nn.Module):
         prefill_rows: int = 16,
         packed: dict[str, torch.Tensor] | None = None,
         use_kernel: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: what the model computes in, when `dense` still holds narrower weights."""
         super().__init__()
         if mode not in ("int8", "int4"):
             raise ValueError(f"mode must be int8 or int4, got {mode!r}")
@@ -182,7 +187,7 @@ class QuantizedLinear(nn.Module):
         self.weight: nn.Parameter | None = dense.weight
         self.scratch: PrefillScratch | None = None
         self.bias = dense.bias
-        dtype = dense.weight.dtype
+        dtype = dtype or dense.weight.dtype
         if packed is None:
             packed = self.quantize(dense.weight.detach(), mode, group_size)
         if use_kernel is None:
@@ -384,6 +389,13 @@ def fuse_siblings(model: nn.Module) -> int:
     return groups
 
 
+def _widen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast `module`'s own float parameters to `dtype` in place (ties survive: same objects)."""
+    for param in module.parameters(recurse=False):
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
 
@@ -406,6 +418,32 @@ def _return_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return
     trim(0)
+
+
+_STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
+    """From a safetensors checkpoint's headers: the one float dtype all its tensors are
+    stored in (None when mixed or unknown), and how many values its matrices other than
+    the embeddings hold (what `quantize_model` would keep float copies of)."""
+    from safetensors import safe_open
+
+    found: set[str] = set()
+    matrix_values = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        if file.name.startswith("ragqa-quant-"):  # our own cache beside the checkpoint
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            names = f.keys()
+            for name in names:
+                tensor = f.get_slice(name)
+                found.add(tensor.get_dtype())
+                shape = tensor.get_shape()
+                if len(shape) == 2 and "embed" not in name:
+                    matrix_values += shape[0] * shape[1]
+    dtype = _STORED_DTYPES.get(found.pop()) if len(found) == 1 else None
+    return dtype, matrix_values
 
 
 def available_memory() -> int | None:
@@ -446,13 +484,17 @@ def quantize_model(
     prefill_rows: int = 16,
     fuse: bool = True,
     prefill_weights: str = "float",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, object]:
     """Replace every nn.Linear (lm_head included) in place; returns what was done.
 
     With `cache`, quantized weights are read from that file when present (no
     re-quantization) and written there the first time. With `fuse`, projections that
     share an input run as one kernel call on decode steps (`SiblingGroup`).
-    `prefill_weights` is "float", "quantized" or "auto" (module docstring).
+    `prefill_weights` is "float", "quantized" or "auto" (module docstring). With `dtype`
+    (the dtype the model computes in), a model loaded in a narrower one (a bfloat16
+    checkpoint as stored) is widened here one layer at a time, after that layer is
+    packed, so that it never holds every weight in both dtypes (`Engine.load`).
     """
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
@@ -467,11 +509,16 @@ def quantize_model(
     # rows up and must stay row-major (and whose prefill needs only the last position).
     # It costs nothing to keep, so it keeps its float weight whatever prefill_weights says.
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    itemsize = dtype.itemsize if dtype is not None else None
     float_bytes = sum(
-        m.weight.numel() * m.weight.element_size()
+        m.weight.numel() * (itemsize or m.weight.element_size())
         for _, m in _targets(model)
         if id(m.weight) not in embeddings
     )
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):  # a tied lm_head shares it: widened with it
+                _widen(module, dtype)
     prefill_weights = choose_prefill_weights(prefill_weights, float_bytes, available_memory())
     scratch = PrefillScratch() if prefill_weights == "quantized" else None
     dropped = 0
@@ -488,8 +535,14 @@ def quantize_model(
             packed = QuantizedLinear.quantize(linear.weight.detach(), mode, group_size)
             to_save[f"{name}.qweight"] = packed["qweight"]
             to_save[f"{name}.scales"] = packed["scales"]
+        # Packed from the narrow values if the model was loaded narrow: the same packs.
         quantized = QuantizedLinear(
-            linear, mode, group_size=group_size, prefill_rows=prefill_rows, packed=packed
+            linear,
+            mode,
+            group_size=group_size,
+            prefill_rows=prefill_rows,
+            packed=packed,
+            dtype=dtype,
         )
         tied = id(linear.weight) in embeddings
         if scratch is not None and quantized.kernel and not tied:
@@ -497,11 +550,13 @@ def quantize_model(
             linear.weight = None  # type: ignore[assignment]
             dropped += 1
         # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
-        elif linear.weight.dtype == torch.float32 and not tied:
+        elif (dtype or linear.weight.dtype) == torch.float32 and not tied:
             quantized.weight = prefill_layout(linear.weight)
             # Let the row-major original go now, not when the loop ends: holding them all
             # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
             linear.weight = None  # type: ignore[assignment]
+        if dtype is not None:
+            _widen(quantized, dtype)  # the bias, and a weight kept as it is
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantized)
@@ -509,6 +564,9 @@ def quantize_model(
         tmp = cache.with_name(cache.name + ".tmp")
         save_file({**stored, **to_save}, str(tmp))
         tmp.replace(cache)
+    if dtype is not None:
+        for module in model.modules():  # norms and the like
+            _widen(module, dtype)
     _return_freed_memory()
     fused = fuse_siblings(model) if fuse else 0
     seconds = time.perf_counter() - start

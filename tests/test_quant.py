@@ -249,3 +249,35 @@ def test_engine_with_quantized_prefill_reports_it_and_decodes_as_generate_does(
     ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
     assert len(ids) > 16  # the prompt takes the expanded weights
     assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
+
+
+def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
+    tiny_bf16_model_dir, kernels, monkeypatch
+):
+    from generation import engine as engine_module
+
+    def load():
+        engine, _ = Engine.load(
+            tiny_bf16_model_dir, dtype="float32", quantization="int8", prefill_weights="quantized"
+        )
+        return engine
+
+    loaded = []
+    real = engine_module.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        loaded.append(kwargs["dtype"])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(engine_module.AutoModelForCausalLM, "from_pretrained", spy)
+    narrow = load()
+    real_weights = engine_module.checkpoint_weights
+    monkeypatch.setattr(
+        engine_module, "checkpoint_weights", lambda folder: (None, real_weights(folder)[1])
+    )
+    wide = load()
+    assert loaded == [torch.bfloat16, torch.float32]
+    assert {p.dtype for p in narrow.model.parameters()} == {torch.float32}
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.inference_mode():
+        assert torch.equal(narrow.model(ids).logits, wide.model(ids).logits)
