@@ -12,8 +12,9 @@ from is `prefill_weights`:
   layers (`PrefillScratch`). Memory is the packed copy's plus the largest layer's floats;
   each long call pays one pass that writes a layer's floats (figures in README), and the
   prefill reads weights rounded to int8/int4 (the activations stay exact).
-- "auto": "float" when the float weights take at most half of the memory the system
-  has available once they are loaded, else "quantized" (`choose_prefill_weights`).
+- "auto": "float" when the float copies would take at most half of the memory the
+  system has available, else "quantized" (`choose_prefill_weights`; `Engine.load` asks
+  before loading the model, `quantize_model` when it is called).
 """
 
 from __future__ import annotations
