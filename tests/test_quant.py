@@ -281,3 +281,21 @@ def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
     ids = torch.tensor([list(range(5, 45))])
     with torch.inference_mode():
         assert torch.equal(narrow.model(ids).logits, wide.model(ids).logits)
+
+
+def test_auto_prefill_weights_follow_the_memory_available_before_loading(
+    tiny_bf16_model_dir, kernels, monkeypatch
+):
+    from generation import engine as engine_module
+
+    def load_with(available):
+        monkeypatch.setattr(engine_module, "available_memory", lambda: available)
+        _, report = Engine.load(
+            tiny_bf16_model_dir, dtype="float32", quantization="int8", prefill_weights="auto"
+        )
+        return report.prefill_weights
+
+    # Its matrices other than the embedding (lm_head is not tied) hold 6,586,368 values:
+    # 25.1 MiB as float32, kept when at least twice that is available.
+    assert load_with(64 * 2**20) == "float"
+    assert load_with(32 * 2**20) == "quantized"
