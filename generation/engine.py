@@ -123,7 +123,7 @@ class Engine:
         dt = choose_dtype(dev, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         asked, quantization = quantization, resolve_mode(quantization, dev)
-        narrow = False
+        narrow, stored = False, None
         if dev.type == "cpu" and quantization != "none" and Path(path).is_dir():
             stored, matrix_values = checkpoint_weights(Path(path))
             prefill_weights = choose_prefill_weights(
@@ -132,7 +132,7 @@ class Engine:
             # A model that will not keep float weights loads in the dtype its checkpoint
             # is stored in when that is narrower (bfloat16 for float32), and quantize_model
             # widens what stays float layer by layer: the 1.5B's peak RSS while loading
-            # drops from 10.9 to 4.2 GB. The packs and the floats are the same (widening is
+            # drops from 10.9 to 4.3 GB. The packs and the floats are the same (widening is
             # exact). With float copies kept, loading narrow raised the peak (11.3 -> 12.7
             # GB, heap fragmentation), so those load in the dtype they compute in.
             narrow = (

@@ -136,7 +136,10 @@ class PrefillScratch:
 
     Layers run one after another on the generator's thread, so one buffer of the largest
     layer's size serves them all; a tensor allocated per call would be mapped and
-    page-faulted anew each time (a stacked gate/up of the 1.5B model is 110 MB).
+    page-faulted anew each time (the 1.5B model's gate or up projection is 55 MB). The
+    engine keeps only the last position's logits, so the vocabulary projection never runs
+    on many rows there; a full-sequence forward would grow the buffer to its size (0.93 GB
+    for the 1.5B).
     """
 
     def __init__(self) -> None:
@@ -462,10 +465,12 @@ def available_memory() -> int | None:
 def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) -> str:
     """ "float" or "quantized" for a prefill_weights setting (see the module's docstring).
 
-    `float_bytes` is what the float copies take, `available` what the system has left with
-    them loaded. "auto" keeps them when they take at most half of it, which leaves the
-    machine as much again for the KV cache, the embedder, the index and other programs;
-    where the available memory is unknown it keeps them (the faster prefill).
+    `float_bytes` is what the float copies take, `available` what the system has free
+    (`Engine.load` asks before loading the model). "auto" keeps the copies when they take
+    at most half of it: a model with its copies takes about 1.6 times their size (1.5B
+    int8: 10.9 GB peak for 6.2 GB of copies), which leaves some room for the KV cache, the
+    embedder, the index and other programs. Where the available memory is unknown it keeps
+    them (the faster prefill).
     """
     if asked not in PREFILL_WEIGHTS:
         raise ValueError(f"prefill_weights must be one of {PREFILL_WEIGHTS}, got {asked!r}")
