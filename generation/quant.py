@@ -587,7 +587,7 @@ def quantize_model(
         "cached" if from_cache else "computed",
         prefill_weights,
         float_bytes / 1e9,
-        "kept" if prefill_weights == "float" else "freed",
+        "kept" if prefill_weights == "float" else "not kept",
     )
     return {
         "mode": mode,
