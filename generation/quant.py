@@ -525,7 +525,9 @@ def quantize_model(
         for module in model.modules():
             if isinstance(module, nn.Embedding):  # a tied lm_head shares it: widened with it
                 _widen(module, dtype)
-    prefill_weights = choose_prefill_weights(prefill_weights, float_bytes, available_memory())
+    # Only "auto" looks at the memory (Engine.load passes a choice it already made).
+    available = available_memory() if prefill_weights == "auto" else None
+    prefill_weights = choose_prefill_weights(prefill_weights, float_bytes, available)
     scratch = PrefillScratch() if prefill_weights == "quantized" else None
     dropped = 0
     stored: dict[str, torch.Tensor] = {}

@@ -288,6 +288,13 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 // a caller's buffer lets one scratch serve every layer: a fresh tensor of this size is
 // mapped and page-faulted anew by every call.
 
+// The caller's buffer for an expanded [N, K] weight, checked to hold exactly `numel` floats.
+float* expansion_buffer(const at::Tensor& out, int64_t numel) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
+              "out must be a contiguous float32 tensor of ", numel, " elements");
+  return out.data_ptr<float>();
+}
+
 // qw [N, K] int8, scales [N, K/32] float16 -> out [N, K] float32, w = q * d.
 void q8_dequantize(const at::Tensor& qw, const at::Tensor& scales, const at::Tensor& out) {
   TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
@@ -295,12 +302,10 @@ void q8_dequantize(const at::Tensor& qw, const at::Tensor& scales, const at::Ten
   const int64_t N = qw.size(0), K = qw.size(1), nb = K / kBlock;
   TORCH_CHECK(K % kBlock == 0 && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == nb,
               "scales must be [N, K/32] for qw of shape [", N, ", ", K, "]");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == N * K,
-              "out must be a contiguous float32 tensor of ", N * K, " elements");
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   const int8_t* wp = wc.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  float* op = out.data_ptr<float>();
+  float* op = expansion_buffer(out, N * K);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t b = 0; b < nb; ++b) {
@@ -327,12 +332,10 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   const int64_t ng = K / group, per_group = group / kBlock;
   TORCH_CHECK(sm.dim() == 3 && sm.size(0) == N && sm.size(1) == ng && sm.size(2) == 2,
               "sm must be [N, K/group, 2] for qs of shape [", N, ", ", K / 2, "]");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == N * K,
-              "out must be a contiguous float32 tensor of ", N * K, " elements");
   const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  float* op = out.data_ptr<float>();
+  float* op = expansion_buffer(out, N * K);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < ng; ++g) {
