@@ -4,6 +4,9 @@ At q_len = 1, torch's CPU flash-attention kernel (what SDPA picks) took ~2 ms pe
 for a 600-token context on the 0.5B model, a third of an int4 decode step: it is built
 for blocks of queries. One query per head is two small matrix products; grouping the
 query heads by the key/value head they share avoids copying K and V per query head.
+Those matmuls still took 181 us per layer of the 1.5B at a 640-token context (86 us with
+ragqa's kernel, csrc/decode_attention.cpp; 125 vs 52 us for the 0.5B's heads), so
+float32 models use the kernel where it is built; other dtypes keep the matmuls.
 Prefill (q_len > 1) and non-CPU devices keep transformers' SDPA path.
 """
 
@@ -15,6 +18,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from generation import qmatmul
 
 NAME = "ragqa_cpu_decode"
 
@@ -37,6 +42,12 @@ def decode_attention(
     b, hq, _, d = query.shape
     hkv = key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
+    if _kernel_applies(query, key, value, attention_mask):
+        mask = None
+        if attention_mask is not None:  # [B, 1, q, T] -> the last query's row, [B, T]
+            mask = attention_mask[:, 0, -1, :].expand(b, key.shape[2])
+        out = qmatmul.decode_attention(query.reshape(b, hq, d), key, value, mask, scale)
+        return out.view(b, 1, hq, d), None
     # Query head i reads key/value head i // (hq // hkv), as transformers' repeat_kv does.
     q = query.reshape(b, hkv, hq // hkv, d).float()  # [B, Hkv, G, D]
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, T]
@@ -51,6 +62,22 @@ def decode_attention(
     return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype).contiguous(), None
 
 
+def _kernel_applies(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> bool:
+    return (
+        qmatmul.loaded()
+        and query.dtype == key.dtype == value.dtype == torch.float32
+        and query.shape[-1] % 8 == 0
+        and key.stride(-1) == 1
+        and value.stride(-1) == 1
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+    )
+
+
 AttentionInterface.register(NAME, decode_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
@@ -62,5 +89,6 @@ def use_decode_attention(model: torch.nn.Module) -> bool:
         return False
     if next(model.parameters()).device.type != "cpu":
         return False
+    qmatmul.load()  # the float32 attention kernel, built once per machine
     model.set_attn_implementation(NAME)
     return True

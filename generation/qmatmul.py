@@ -1,6 +1,8 @@
-"""ragqa's int4/int8 x int8 matmul kernels (csrc/qmatmul.cpp): building, weight layout, calls.
+"""ragqa's CPU kernels: building, weight layout, calls.
 
-The C++ source is compiled once per machine and torch version with torch's extension
+csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps and
+csrc/decode_attention.cpp the float32 attention of a decode step's one new token. The
+C++ sources are compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
 `load()` returns False and callers keep torch's own weight-only kernels; nothing else
@@ -20,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "qmatmul.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "qmatmul.cpp", CSRC / "decode_attention.cpp"]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
 
 _lock = threading.Lock()
@@ -62,7 +65,7 @@ def _build_and_load(folder: Path) -> None:
             stale.unlink()
         cpp_extension.load(
             name="ragqa_qmatmul",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             # libgomp.so.1 resolves to the copy torch already loaded (same soname), so
             # the kernels share torch's OpenMP thread pool.
@@ -142,3 +145,20 @@ def int8_dequantize(qw: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -
 def int4_dequantize(qs: torch.Tensor, sm: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
     """qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> out [N, K] float32 (written in place)."""
     torch.ops.ragqa_qmatmul.q4_dequantize(qs, sm, group_size, out)
+
+
+def loaded() -> bool:
+    """Whether `load()` has already succeeded in this process (never builds)."""
+    return _state.get("ok", False)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """query [B, Hq, D], key/value [B, Hkv, T, D] with contiguous rows, mask [B, T] bool
+    (True = attend) or None -> [B, Hq, D]; all float32."""
+    return torch.ops.ragqa_qmatmul.decode_attention(query, key, value, mask, scale)
