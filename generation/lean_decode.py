@@ -11,7 +11,11 @@ the small ops between the matmuls.
 in the same order (RMSNorm in float32 then back to the model dtype, rotary embeddings,
 `decode_attention`, SiLU-gated MLP, residual adds), calling each projection's `forward`
 directly. Same ops on the same tensors give the same floats, so greedy output does not
-change. It applies only where that equivalence was checked: a CPU model of type `llama` or
+change. Where every projection of a layer runs on ragqa's kernels (float32, q/k/v and
+gate/up stacked), the layer's small ops run in C++ instead (csrc/decode_layer.cpp, the
+same ATen ops in the same order), in two calls around the KV append.
+
+It applies only where that equivalence was checked: a CPU model of type `llama` or
 `qwen2` with full attention in every layer, SiLU activation and no extra attention
 features; anything else keeps transformers' forward (`build` returns None).
 """
@@ -19,12 +23,14 @@ features; anything else keeps transformers' forward (`build` returns None).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generation import qmatmul
 from generation.attention import decode_attention
 from generation.kv import KV, append_kv
 from generation.quant import QuantizedLinear, SiblingGroup
@@ -89,6 +95,7 @@ class _Layer:
         self.qkv = _group([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up = _group([mlp.gate_proj, mlp.up_proj])
         self.first_member = attn.q_proj
+        self.fused = _fused_arguments(layer, self.qkv, self.gate_up)
 
     def stacked(self, group: SiblingGroup | None, rows: int) -> bool:
         """Whether `group` (`qkv` or `gate_up`) computes a batch of `rows` in one call.
@@ -129,6 +136,60 @@ class _Layer:
         return self.down(hidden.unsqueeze(1))
 
 
+@dataclass(frozen=True)
+class _Fused:
+    """The weights and constants of one layer's two C++ calls (csrc/decode_layer.cpp)."""
+
+    inputs: tuple[Any, ...]  # decode_layer_inputs' arguments after h, before cos and sin
+    output: tuple[Any, ...]  # decode_layer_output's arguments after the scale
+
+
+def _fused_arguments(
+    layer: nn.Module, qkv: SiblingGroup | None, gate_up: SiblingGroup | None
+) -> _Fused | None:
+    """A layer's arguments for the C++ path, or None where it must stay in Python."""
+    attn, mlp = layer.self_attn, layer.mlp
+    o, down = attn.o_proj, mlp.down_proj
+    if qkv is None or gate_up is None or not qmatmul.loaded():
+        return None
+    single = [o, down]
+    if not all(isinstance(m, QuantizedLinear) and m.kernel and m.siblings is None for m in single):
+        return None
+    packs = {(m.mode, m.group_size if m.mode == "int4" else 0) for m in (qkv, gate_up, o, down)}
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    if len(packs) != 1 or any(w.dtype != torch.float32 for w in norms):
+        return None
+    ((_, group),) = packs  # 0 selects the int8 kernel, a group size the int4 one
+    heads = attn.q_proj.out_features // attn.head_dim
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    inputs = (
+        layer.input_layernorm.weight,
+        layer.input_layernorm.variance_epsilon,
+        qkv.qweight,
+        qkv.scales,
+        qkv.bias,
+        group,
+        heads,
+        kv_heads,
+    )
+    output = (
+        o.qweight,
+        o.scales,
+        o.bias,
+        layer.post_attention_layernorm.weight,
+        layer.post_attention_layernorm.variance_epsilon,
+        gate_up.qweight,
+        gate_up.scales,
+        gate_up.bias,
+        mlp.gate_proj.out_features,
+        down.qweight,
+        down.scales,
+        down.bias,
+        group,
+    )
+    return _Fused(inputs, output)
+
+
 class LeanDecoder:
     def __init__(self, model: nn.Module) -> None:
         inner = model.model
@@ -151,9 +212,24 @@ class LeanDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]
         # decode_attention takes a boolean [B, 1, 1, T+1] (True = attend) or None; with
         # no padding the two give the same floats, and None skips the masking op.
-        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        attend_2d = None if bool(mask.all()) else mask.bool()  # [B, T+1] for the C++ path
+        attend = None if attend_2d is None else attend_2d[:, None, None, :]
         new_kv: KV = []
         for layer, (keys, values) in zip(self.layers, kv, strict=True):
+            if layer.fused is not None and layer.stacked(layer.qkv, b):
+                q, k, v = qmatmul.decode_layer_inputs(h, layer.fused.inputs, cos, sin)
+                keys, values = append_kv(keys, k), append_kv(values, v)
+                new_kv.append((keys, values))
+                h = qmatmul.decode_layer_output(
+                    h,
+                    q,
+                    keys,
+                    values,
+                    attend_2d,
+                    layer.scaling,
+                    layer.fused.output,
+                )
+                continue
             residual = h
             x = _rms_norm(h, layer.input_norm)
             q, k, v = layer.attention_inputs(x, cos, sin)

@@ -1,8 +1,9 @@
 """ragqa's CPU kernels: building, weight layout, calls.
 
-csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps and
-csrc/decode_attention.cpp the float32 attention of a decode step's one new token. The
-C++ sources are compiled once per machine and torch version with torch's extension
+csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps,
+csrc/decode_attention.cpp the float32 attention of a decode step's one new token and
+csrc/decode_layer.cpp a quantized decoder layer's decode step built from both. The C++
+sources are compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
 `load()` returns False and callers keep torch's own weight-only kernels; nothing else
@@ -17,13 +18,14 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "qmatmul.cpp", CSRC / "decode_attention.cpp"]
+SOURCES = [CSRC / name for name in ("qmatmul.cpp", "decode_attention.cpp", "decode_layer.cpp")]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
 
 _lock = threading.Lock()
@@ -162,3 +164,25 @@ def decode_attention(
     """query [B, Hq, D], key/value [B, Hkv, T, D] with contiguous rows, mask [B, T] bool
     (True = attend) or None -> [B, Hq, D]; all float32."""
     return torch.ops.ragqa_qmatmul.decode_attention(query, key, value, mask, scale)
+
+
+def decode_layer_inputs(
+    h: torch.Tensor, weights: tuple[Any, ...], cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [B, 1, H] -> q [B, Hq, 1, D], k and v [B, Hkv, 1, D] (csrc/decode_layer.cpp);
+    `weights` as `lean_decode._fused_arguments` orders them, cos and sin [B, 1, 1, D]."""
+    return torch.ops.ragqa_qmatmul.decode_layer_inputs(h, *weights, cos, sin)
+
+
+def decode_layer_output(
+    h: torch.Tensor,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    weights: tuple[Any, ...],
+) -> torch.Tensor:
+    """The layer's output [B, 1, H] from its input h, q and the caches [B, Hkv, T, D]
+    holding the new position; mask [B, T] bool (True = attend) or None."""
+    return torch.ops.ragqa_qmatmul.decode_layer_output(h, q, keys, values, mask, scale, *weights)

@@ -168,6 +168,11 @@ void attend_group(const float* q, int64_t G, int64_t D, const float* k, const fl
   }
 }
 
+}  // namespace
+
+// Called by decode_layer.cpp too.
+namespace ragqa {
+
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 4 && value.dim() == 4,
@@ -209,10 +214,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   return out;
 }
 
-}  // namespace
+}  // namespace ragqa
 
 TORCH_LIBRARY_FRAGMENT(ragqa_qmatmul, m) {
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) { m.impl("decode_attention", &ragqa::decode_attention); }

@@ -236,6 +236,11 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t group) {
   return in;
 }
 
+}  // namespace
+
+// Called by decode_layer.cpp too.
+namespace ragqa {
+
 // x [M, K] float32, qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
   TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
@@ -289,7 +294,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 // mapped and page-faulted anew by every call.
 
 // The caller's buffer for an expanded [N, K] weight, checked to hold exactly `numel` floats.
-float* expansion_buffer(const at::Tensor& out, int64_t numel) {
+static float* expansion_buffer(const at::Tensor& out, int64_t numel) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == numel,
               "out must be a contiguous float32 tensor of ", numel, " elements");
   return out.data_ptr<float>();
@@ -358,7 +363,7 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   });
 }
 
-}  // namespace
+}  // namespace ragqa
 
 TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
@@ -368,8 +373,8 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
-  m.impl("q4_linear", &q4_linear);
-  m.impl("q8_linear", &q8_linear);
-  m.impl("q8_dequantize", &q8_dequantize);
-  m.impl("q4_dequantize", &q4_dequantize);
+  m.impl("q4_linear", &ragqa::q4_linear);
+  m.impl("q8_linear", &ragqa::q8_linear);
+  m.impl("q8_dequantize", &ragqa::q8_dequantize);
+  m.impl("q4_dequantize", &ragqa::q4_dequantize);
 }
