@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from generation import lean_decode
+from generation import hugepages, lean_decode
 from generation.attention import use_decode_attention
 from generation.device import choose_device, choose_dtype
 from generation.kv import KV, append_kv
@@ -163,6 +163,8 @@ class Engine:
                     dtype=dt if narrow else None,
                 )
                 prefill_weights = str(done["prefill_weights"])
+                moved = hugepages.move_packs(model)
+                logger.info("%.2f GB of quantized weights on huge pages", moved / 1e9)
         if narrow:
             model.config.dtype = dt
         engine = cls(model, tokenizer, name=name or str(path))

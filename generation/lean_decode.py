@@ -150,7 +150,8 @@ def _fused_arguments(
     """A layer's arguments for the C++ path, or None where it must stay in Python."""
     attn, mlp = layer.self_attn, layer.mlp
     o, down = attn.o_proj, mlp.down_proj
-    if qkv is None or gate_up is None or not qmatmul.loaded():
+    # The C++ path always takes ragqa's attention kernel, which wants head sizes of 8k.
+    if qkv is None or gate_up is None or not qmatmul.loaded() or attn.head_dim % 8:
         return None
     single = [o, down]
     if not all(isinstance(m, QuantizedLinear) and m.kernel and m.siblings is None for m in single):

@@ -326,15 +326,20 @@ class SiblingGroup:
                 ]
             )
         )
-        # The members keep views into the stacked weights, not copies.
+        self.members = members
         for m in members:
-            lo, hi = self.offsets[id(m)]
-            m.qweight, m.scales = self.qweight[lo:hi], self.scales[lo:hi]
             m.siblings = self
+        self.point_members()
         self.size = len(members)
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self._left = 0
+
+    def point_members(self) -> None:
+        """Give the members views into the stacked weights (again, once those have moved)."""
+        for m in self.members:
+            lo, hi = self.offsets[id(m)]
+            m.qweight, m.scales = self.qweight[lo:hi], self.scales[lo:hi]
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> every member's output side by side, [rows, sum of the members' N]."""

@@ -120,3 +120,22 @@ def test_a_model_the_lean_step_does_not_cover_keeps_transformers_forward(tokeniz
     ids = tokenizer.encode("Tell me about copper")
     result = engine.generate(ids, GenerationParams(max_new_tokens=6, ignore_eos=True))
     assert len(result.token_ids) == 6
+
+
+def test_a_head_size_the_attention_kernel_cannot_take_keeps_the_python_layer(tokenizer):
+    if not KERNELS:
+        pytest.skip("ragqa's int8 kernel did not build here")
+    torch.manual_seed(0)
+    sizes = {**TINY_SIZES, "hidden_size": 96, "num_attention_heads": 8}  # head size 12
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **sizes)).eval()
+    quantize_model(model, "int8", group_size=32)
+    engine = Engine(model, tokenizer, name="qwen2-head-12")
+    assert engine.lean is not None
+    assert [ly.fused for ly in engine.lean.layers] == [None, None]
+    ids = tokenizer.encode("Copper wires")
+    logits, kv = engine.prefill(ids)
+    step = (torch.tensor([int(logits.argmax())]), torch.tensor([len(ids)]))
+    mask = torch.ones(1, len(ids) + 1, dtype=torch.long)
+    lean, _ = engine.lean(*step, mask, kv)
+    hf, _ = engine.hf_decode_step(*step, mask, kv)
+    assert torch.equal(lean, hf)
