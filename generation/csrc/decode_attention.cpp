@@ -82,7 +82,14 @@ void head_scores(const float* q, int64_t D, const float* k, int64_t k_stride, in
 // Softmax numerators in place (e^(s - max)); returns their sum.
 float exponentiate(float* s, int64_t T) {
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < T; ++t) mx = std::max(mx, s[t]);
+  for (int64_t t = 0; t < T; ++t) {
+    if (s[t] > mx || std::isnan(s[t])) mx = s[t];
+    if (std::isnan(mx)) break;
+  }
+  if (std::isnan(mx)) {  // a NaN score (a NaN query or key) makes the output NaN, as in torch
+    for (int64_t t = 0; t < T; ++t) s[t] = mx;
+    return mx;
+  }
   if (mx == -std::numeric_limits<float>::infinity()) {  // every position masked: no weights
     for (int64_t t = 0; t < T; ++t) s[t] = 0.0f;
     return 0.0f;
@@ -129,6 +136,7 @@ void weighted_values(const float* p, int64_t p_stride, const float* v, int64_t v
     }
   }
   for (int g = 0; g < NG; ++g) {
+    // 0 when every position was masked; NaN stays NaN (NaN * 0).
     const __m256 inv = _mm256_set1_ps(denom[g] > 0.0f ? 1.0f / denom[g] : 0.0f);
     for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out + g * D + d0 + 8 * c, _mm256_mul_ps(acc[g][c], inv));
   }
