@@ -19,6 +19,7 @@ from is `prefill_weights`:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import time
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from generation import qmatmul
@@ -379,22 +381,28 @@ SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def fuse_siblings(model: nn.Module) -> int:
     """Group the kernel-backed projections that share an input; returns how many groups."""
+    return sum(fuse_module(module) for module in model.modules())
+
+
+def fuse_module(module: nn.Module) -> int:
+    """Group `module`'s own sibling projections (`SIBLING_NAMES`); returns how many groups."""
     groups = 0
-    for module in model.modules():
-        for names in SIBLING_NAMES:
-            members = [getattr(module, n, None) for n in names]
-            if not all(isinstance(m, QuantizedLinear) and m.kernel for m in members):
-                continue
-            first = members[0]
-            if any(
-                m.mode != first.mode
-                or m.group_size != first.group_size
-                or m.in_features != first.in_features
-                for m in members
-            ):
-                continue
-            SiblingGroup(members)  # type: ignore[arg-type]
-            groups += 1
+    for names in SIBLING_NAMES:
+        members = [getattr(module, n, None) for n in names]
+        if not all(
+            isinstance(m, QuantizedLinear) and m.kernel and m.siblings is None for m in members
+        ):
+            continue
+        first = members[0]
+        if any(
+            m.mode != first.mode
+            or m.group_size != first.group_size
+            or m.in_features != first.in_features
+            for m in members
+        ):
+            continue
+        SiblingGroup(members)  # type: ignore[arg-type]
+        groups += 1
     return groups
 
 
@@ -416,8 +424,8 @@ def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
-def _return_freed_memory() -> None:
-    """Give the heap memory of the freed row-major weights back to the OS.
+def return_freed_memory() -> None:
+    """Give the heap memory of freed weights (row-major originals, moved packs) back to the OS.
 
     glibc keeps freed heap memory for reuse: after the prefill layout's copies the 1.5B
     model stayed 0.6 GB larger (9.6 GB resident instead of 9.0) until this call.
@@ -432,12 +440,30 @@ def _return_freed_memory() -> None:
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+def _cache_complete(cache: Path | None, names: list[str]) -> bool:
+    """Whether `cache` holds the packs of every layer in `names` (else: quantize afresh).
+
+    A file without every layer's packs (another model's) or one that cannot be read is
+    written anew rather than trusted.
+    """
+    if cache is None or not cache.exists():
+        return False
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        logger.warning("quantized cache %s unreadable (%s); quantizing afresh", cache, exc)
+        return False
+    if all(f"{n}.{key}" in keys for n in names for key in ("qweight", "scales")):
+        return True
+    logger.warning("quantized cache %s lacks some layers; quantizing afresh", cache)
+    return False
+
+
 def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
     """From a safetensors checkpoint's headers: the one float dtype all its tensors are
     stored in (None when mixed or unknown), and how many values its matrices other than
     the embeddings hold (what `quantize_model` would keep float copies of)."""
-    from safetensors import safe_open
-
     found: set[str] = set()
     matrix_values = 0
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -534,54 +560,68 @@ def quantize_model(
     available = available_memory() if prefill_weights == "auto" else None
     prefill_weights = choose_prefill_weights(prefill_weights, float_bytes, available)
     scratch = PrefillScratch() if prefill_weights == "quantized" else None
-    dropped = 0
-    stored: dict[str, torch.Tensor] = {}
-    from_cache = cache is not None and cache.exists()
-    if from_cache:
-        stored = load_file(str(cache))
+    dropped = fused = 0
+    targets = _targets(model)
+    from_cache = _cache_complete(cache, [name for name, _ in targets])
     to_save: dict[str, torch.Tensor] = {}
-    for name, linear in _targets(model):
-        packed = None
-        if from_cache and f"{name}.qweight" in stored:
-            packed = {"qweight": stored[f"{name}.qweight"], "scales": stored[f"{name}.scales"]}
-        else:
-            packed = QuantizedLinear.quantize(linear.weight.detach(), mode, group_size)
-            to_save[f"{name}.qweight"] = packed["qweight"]
-            to_save[f"{name}.scales"] = packed["scales"]
-        # Packed from the narrow values if the model was loaded narrow: the same packs.
-        quantized = QuantizedLinear(
-            linear,
-            mode,
-            group_size=group_size,
-            prefill_rows=prefill_rows,
-            packed=packed,
-            dtype=dtype,
-        )
-        tied = id(linear.weight) in embeddings
-        if scratch is not None and quantized.kernel and not tied:
-            quantized.drop_float_weight(scratch)
-            linear.weight = None  # type: ignore[assignment]
-            dropped += 1
-        # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
-        elif (dtype or linear.weight.dtype) == torch.float32 and not tied:
-            quantized.weight = prefill_layout(linear.weight)
-            # Let the row-major original go now, not when the loop ends: holding them all
-            # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
-            linear.weight = None  # type: ignore[assignment]
-        if dtype is not None:
-            _widen(quantized, dtype)  # the bias, and a weight kept as it is
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantized)
+    # Packs are read one at a time with pread into memory of their own, not through a
+    # mapping of the file: a mapping stays resident until its last tensor dies, so packs
+    # that `hugepages.move_packs` copied away stayed in memory too (1.5B: peak 4.6 GB
+    # while loading instead of 3.2).
+    with (
+        safe_open(str(cache), framework="pt", backend="pread")
+        if from_cache
+        else contextlib.nullcontext()
+    ) as stored:
+        for index, (name, linear) in enumerate(targets):
+            if stored is not None:
+                packed = {key: stored.get_tensor(f"{name}.{key}") for key in ("qweight", "scales")}
+            else:
+                packed = QuantizedLinear.quantize(linear.weight.detach(), mode, group_size)
+                to_save[f"{name}.qweight"] = packed["qweight"]
+                to_save[f"{name}.scales"] = packed["scales"]
+            # Packed from the narrow values if the model was loaded narrow: the same packs.
+            quantized = QuantizedLinear(
+                linear,
+                mode,
+                group_size=group_size,
+                prefill_rows=prefill_rows,
+                packed=packed,
+                dtype=dtype,
+            )
+            tied = id(linear.weight) in embeddings
+            if scratch is not None and quantized.kernel and not tied:
+                quantized.drop_float_weight(scratch)
+                linear.weight = None  # type: ignore[assignment]
+                dropped += 1
+            # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
+            elif (dtype or linear.weight.dtype) == torch.float32 and not tied:
+                quantized.weight = prefill_layout(linear.weight)
+                # Let the row-major original go now, not when the loop ends: holding them all
+                # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
+                linear.weight = None  # type: ignore[assignment]
+            if dtype is not None:
+                _widen(quantized, dtype)  # the bias, and a weight kept as it is
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, quantized)
+            following = (
+                targets[index + 1][0].rpartition(".")[0] if index + 1 < len(targets) else None
+            )
+            if fuse and following != parent_name:
+                # A module's projections are consecutive targets. Stacking them as soon as the
+                # last one is packed frees their separate packs now, not after the loop, which
+                # kept both copies of 0.9 GB (1.5B int8) alive at once.
+                fused += fuse_module(parent)
     if cache is not None and to_save:
         tmp = cache.with_name(cache.name + ".tmp")
-        save_file({**stored, **to_save}, str(tmp))
+        save_file(to_save, str(tmp))
         tmp.replace(cache)
+    to_save.clear()  # before the trim: the fused members' own packs (0.9 GB on the 1.5B)
     if dtype is not None:
         for module in model.modules():  # norms and the like
             _widen(module, dtype)
-    _return_freed_memory()
-    fused = fuse_siblings(model) if fuse else 0
+    return_freed_memory()
     seconds = time.perf_counter() - start
     if scratch is not None and dropped == 0:
         # Without ragqa's kernels (no AVX2, no compiler) nothing can expand the packs.

@@ -1,7 +1,10 @@
 """Weight-only quantization: kernels against a float reference, engine output, weight cache."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -15,6 +18,7 @@ from generation.quant import (
     choose_prefill_weights,
     dequantize_int4,
     dequantize_int8_blocks,
+    fuse_module,
     quantize_int4,
     quantize_int8_blocks,
     quantize_model,
@@ -147,6 +151,46 @@ def test_second_load_reads_cached_weights_instead_of_requantizing(tiny_bf16_mode
     assert info2["from_cache"] is True and cache.stat().st_mtime_ns == mtime
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(first(x).logits, second(x).logits)
+
+
+def test_packs_read_from_the_cache_do_not_keep_the_file_mapped(tiny_bf16_model_dir):
+    # A mapped cache stays resident until its last pack dies, so packs moved onto huge
+    # pages one by one were not freed until all had moved.
+    cache = cache_path(tiny_bf16_model_dir, "int8", 64)
+    quantize_model(LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir), "int8", cache=cache)
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(model, "int8", cache=cache)["from_cache"] is True
+    assert str(cache) not in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("damage", ["missing layers", "not safetensors"])
+def test_an_incomplete_or_unreadable_cache_is_quantized_afresh_and_rewritten(
+    tiny_bf16_model_dir, damage
+):
+    cache = cache_path(tiny_bf16_model_dir, "int8", 64)
+    reference = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    quantize_model(reference, "int8", cache=cache)
+    if damage == "missing layers":
+        kept = {k: v for k, v in load_file(str(cache)).items() if ".layers.0." not in k}
+        save_file(kept, str(cache))
+    else:
+        cache.write_bytes(b"not a safetensors file")
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(model, "int8", cache=cache)["from_cache"] is False
+    again = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(again, "int8", cache=cache)["from_cache"] is True
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(x).logits, reference(x).logits)
+    assert torch.equal(again(x).logits, reference(x).logits)
+
+
+def test_fusing_a_module_twice_keeps_its_first_group(kernels, tiny_bf16_model_dir):
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    quantize_model(model, "int8")
+    attention = model.model.layers[0].self_attn
+    group = attention.q_proj.siblings
+    assert group is not None and fuse_module(attention) == 0
+    assert attention.q_proj.siblings is group
 
 
 def test_unknown_quantization_mode_names_the_choices():
