@@ -23,10 +23,10 @@ from generation import hugepages, lean_decode
 from generation.attention import use_decode_attention
 from generation.device import choose_device, choose_dtype
 from generation.kv import KV, append_kv
+from generation.memory import available_memory
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
 from generation.quant import (
-    available_memory,
     cache_path,
     checkpoint_weights,
     choose_prefill_weights,

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from generation.quant import QuantizedLinear, SiblingGroup, return_freed_memory
+from generation.memory import return_freed_memory
+from generation.quant import QuantizedLinear, SiblingGroup
 
 logger = logging.getLogger(__name__)
 

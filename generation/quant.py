@@ -20,9 +20,9 @@ from is `prefill_weights`:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from generation import qmatmul
+from generation.memory import available_memory, release_mapped_pages, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,26 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     q = torch.clamp(torch.round((w - lo) / scales), 0, 15).to(torch.uint8).reshape(n, k)
     sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
     return q, sz
+
+
+def quantize_by_rows(
+    weight: torch.Tensor,
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    scale_dim: int = 0,
+    chunk_values: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(weight)`, computed `chunk_values // K` rows at a time: the same values.
+
+    The quantizers above make several float32 temporaries of the whole weight; for the
+    1.5B's tied vocabulary projection [151936, 1536] that is 0.93 GB each, which set the
+    peak memory of a first load. Rows are quantized independently, so chunks change
+    nothing. `scale_dim`: the dimension of the scales that follows the weight's rows.
+    """
+    rows = max(1, chunk_values // weight.shape[1])
+    if weight.shape[0] <= rows:
+        return quantize(weight)
+    parts = [quantize(weight[start : start + rows]) for start in range(0, weight.shape[0], rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=scale_dim)
 
 
 def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -213,7 +234,7 @@ class QuantizedLinear(nn.Module):
         elif mode == "int8":
             # torch's kernel takes one scale per output row: quantize the float weight
             # (kept for prefill anyway) that way, whatever the packed form holds.
-            q, scales = quantize_int8(dense.weight.detach())
+            q, scales = quantize_by_rows(dense.weight.detach(), quantize_int8)
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("scales", scales.to(dtype), persistent=False)
         elif use_kernel:
@@ -250,16 +271,16 @@ class QuantizedLinear(nn.Module):
             # ragqa's kernel reads scales per block of 32; where blocks do not fit, the
             # per-row layout of torch's kernel.
             if qmatmul.supports_int8(weight.shape[1]):
-                q, scales = quantize_int8_blocks(weight)
+                q, scales = quantize_by_rows(weight, quantize_int8_blocks)
             else:
-                q, scales = quantize_int8(weight)
+                q, scales = quantize_by_rows(weight, quantize_int8)
         else:
             if weight.shape[1] % group_size:
                 raise ValueError(
                     f"int4 needs in_features divisible by group_size {group_size}, "
                     f"got {weight.shape[1]}"
                 )
-            q, scales = quantize_int4(weight, group_size)
+            q, scales = quantize_by_rows(weight, lambda w: quantize_int4(w, group_size), 1)
         return {"qweight": q.contiguous(), "scales": scales.contiguous()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,19 +445,6 @@ def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
-def return_freed_memory() -> None:
-    """Give the heap memory of freed weights (row-major originals, moved packs) back to the OS.
-
-    glibc keeps freed heap memory for reuse: after the prefill layout's copies the 1.5B
-    model stayed 0.6 GB larger (9.6 GB resident instead of 9.0) until this call.
-    """
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return
-    trim(0)
-
-
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -481,18 +489,6 @@ def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
     return dtype, matrix_values
 
 
-def available_memory() -> int | None:
-    """Bytes the system can still hand out (Linux's MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) -> str:
     """ "float" or "quantized" for a prefill_weights setting (see the module's docstring).
 
@@ -510,6 +506,18 @@ def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) 
     if available is None or float_bytes <= available // 2:
         return "float"
     return "quantized"
+
+
+def _drop_weight(linear: nn.Linear) -> None:
+    """Let a replaced float weight go now, not when the loop over the layers ends.
+
+    Holding the float originals kept two copies of the weights (1.5B: peak RSS 10.7 ->
+    13.2 GB); a checkpoint loaded as stored is a mapped file whose pages this layer's
+    quantization read, which stay resident until the last weight of it dies (1.5B first
+    load: 3.1 GB of them).
+    """
+    release_mapped_pages(linear.weight)
+    linear.weight = None  # type: ignore[assignment]
 
 
 def quantize_model(
@@ -592,14 +600,12 @@ def quantize_model(
             tied = id(linear.weight) in embeddings
             if scratch is not None and quantized.kernel and not tied:
                 quantized.drop_float_weight(scratch)
-                linear.weight = None  # type: ignore[assignment]
+                _drop_weight(linear)
                 dropped += 1
             # Measured for fp32 only (the CPU's default dtype): other dtypes keep the layout.
             elif (dtype or linear.weight.dtype) == torch.float32 and not tied:
                 quantized.weight = prefill_layout(linear.weight)
-                # Let the row-major original go now, not when the loop ends: holding them all
-                # kept two copies of the float weights (1.5B: peak RSS 10.7 -> 13.2 GB).
-                linear.weight = None  # type: ignore[assignment]
+                _drop_weight(linear)
             if dtype is not None:
                 _widen(quantized, dtype)  # the bias, and a weight kept as it is
             parent_name, _, child = name.rpartition(".")

@@ -47,6 +47,21 @@ def tiny_llama(tokenizer: Any) -> Any:
     return LlamaForCausalLM(config).eval()
 
 
+def smaps_entry(address: int, key: str) -> list[str]:
+    """The fields of `key` ("Rss:", "VmFlags:") in /proc/self/smaps for the mapping of
+    this process that holds `address`."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == key:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from generation import hugepages, qmatmul
 from generation.provision import pull_preset
 from generation.quant import QuantizedLinear, quantize_model
-from tests.conftest import MODEL_DIR, TINY_SIZES
+from tests.conftest import MODEL_DIR, TINY_SIZES, smaps_entry
 
 if not hugepages.available():
     pytest.skip("this kernel offers no transparent huge pages", allow_module_level=True)
@@ -25,20 +25,6 @@ def _model(tokenizer, mode: str) -> Qwen2ForCausalLM:
     return model
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds `address`."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_packs_move_to_one_advised_arena_and_outputs_stay_the_same(tokenizer, mode):
     if not qmatmul.load():
@@ -54,7 +40,7 @@ def test_packs_move_to_one_advised_arena_and_outputs_stay_the_same(tokenizer, mo
     storages = {m.qweight.untyped_storage().data_ptr() for m in linears}
     storages |= {m.scales.untyped_storage().data_ptr() for m in linears}
     assert len(storages) == 1  # every pack, stacked groups' members included
-    assert "hg" in _vm_flags(next(iter(storages)))  # MADV_HUGEPAGE
+    assert "hg" in smaps_entry(next(iter(storages)), "VmFlags:")  # MADV_HUGEPAGE
     group = linears[0].siblings
     assert group is not None and linears[0].qweight.data_ptr() == group.qweight.data_ptr()
     with torch.inference_mode():

@@ -19,7 +19,9 @@ from generation.quant import (
     dequantize_int4,
     dequantize_int8_blocks,
     fuse_module,
+    quantize_by_rows,
     quantize_int4,
+    quantize_int8,
     quantize_int8_blocks,
     quantize_model,
     resolve_mode,
@@ -191,6 +193,20 @@ def test_fusing_a_module_twice_keeps_its_first_group(kernels, tiny_bf16_model_di
     group = attention.q_proj.siblings
     assert group is not None and fuse_module(attention) == 0
     assert attention.q_proj.siblings is group
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8 per row", "int4"])
+def test_quantizing_by_row_chunks_gives_the_same_packs_as_the_whole_weight(mode):
+    torch.manual_seed(0)
+    weight = torch.randn(300, 128, dtype=torch.bfloat16)  # 7 chunks of 48 rows, one short
+    quantize, scale_dim = {
+        "int8": (quantize_int8_blocks, 0),
+        "int8 per row": (quantize_int8, 0),
+        "int4": (lambda w: quantize_int4(w, 64), 1),
+    }[mode]
+    q, scales = quantize_by_rows(weight, quantize, scale_dim, chunk_values=48 * 128)
+    whole_q, whole_scales = quantize(weight)
+    assert torch.equal(q, whole_q) and torch.equal(scales, whole_scales)
 
 
 def test_unknown_quantization_mode_names_the_choices():
