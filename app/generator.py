@@ -68,8 +68,8 @@ def load_generator(services: Services) -> None:
     status.set(
         "ready",
         f"{report.model} on {report.device} ({report.dtype}, quantization "
-        f"{report.quantization}, prefill from {report.prefill_weights} weights), "
-        f"loaded in {report.load_s}s",
+        f"{report.quantization}, prefill from {report.prefill_weights} weights in "
+        f"{report.prefill_dtype or report.dtype}), loaded in {report.load_s}s",
     )
 
 

@@ -316,6 +316,7 @@ def main() -> None:
         "prefill_weights": report.prefill_weights,
         "device": report.device,
         "dtype": report.dtype,
+        "prefill_dtype": report.prefill_dtype,
         "threads": torch.get_num_threads(),
         "prompt_tokens": len(ids),
         "new_tokens": n,

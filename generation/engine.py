@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from generation import hugepages, lean_decode
+from generation import hugepages, lean_decode, qmatmul
 from generation.attention import use_decode_attention
-from generation.device import choose_device, choose_dtype
+from generation.device import choose_device, choose_dtype, split_dtypes
 from generation.kv import KV, append_kv
 from generation.memory import available_memory
 from generation.params import GenerationParams
@@ -48,6 +48,7 @@ class LoadReport:
     context_length: int
     quantization: str = "none"
     prefill_weights: str = "float"  # "quantized": a quantized model's prefill expands packs
+    prefill_dtype: str = ""  # what long prefill matmuls multiply in; "" = `dtype`
 
 
 @dataclass
@@ -123,22 +124,26 @@ class Engine:
         dt = choose_dtype(dev, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         asked, quantization = quantization, resolve_mode(quantization, dev)
+        on_kernels = dev.type == "cpu" and quantization != "none" and qmatmul.load()
+        dt, prefill_dt = split_dtypes(dev, dtype, dt, on_kernels)
         narrow, stored = False, None
         if dev.type == "cpu" and quantization != "none" and Path(path).is_dir():
             stored, matrix_values = checkpoint_weights(Path(path))
             prefill_weights = choose_prefill_weights(
-                prefill_weights, matrix_values * dt.itemsize, available_memory()
+                prefill_weights, matrix_values * prefill_dt.itemsize, available_memory()
             )
             # A model that will not keep float weights loads in the dtype its checkpoint
             # is stored in when that is narrower (bfloat16 for float32), and quantize_model
             # widens what stays float layer by layer: the 1.5B's peak RSS while loading
             # drops from 10.9 to 4.3 GB. The packs and the floats are the same (widening is
             # exact). With float copies kept, loading narrow raised the peak (11.3 -> 12.7
-            # GB, heap fragmentation), so those load in the dtype they compute in.
+            # GB, heap fragmentation), so those load in the dtype they compute in, unless
+            # that is the stored dtype of the copies (bfloat16 prefill of a float32
+            # model), which then are the loaded weights themselves.
             narrow = (
-                prefill_weights == "quantized"
-                and stored is not None
+                stored is not None
                 and stored.itemsize < dt.itemsize
+                and (prefill_weights == "quantized" or prefill_dt == stored)
             )
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=stored if narrow else dt)
         model.to(dev).eval()
@@ -161,6 +166,7 @@ class Engine:
                     cache=cache,
                     prefill_weights=prefill_weights,
                     dtype=dt if narrow else None,
+                    prefill_dtype=prefill_dt if prefill_dt != dt else None,
                 )
                 prefill_weights = str(done["prefill_weights"])
                 moved = hugepages.move_packs(model)
@@ -176,6 +182,13 @@ class Engine:
             context_length=engine.context_length,
             quantization=quantization,
             prefill_weights=prefill_weights if quantization != "none" else "float",
+            prefill_dtype=str(
+                dt
+                if quantization == "none"
+                else prefill_dt
+                if prefill_weights == "float"
+                else torch.float32  # what `PrefillScratch` expands packs into
+            ).removeprefix("torch."),
         )
         logger.info(
             "loaded generator %s on %s (%s, quantization %s) in %.1f s",

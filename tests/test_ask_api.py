@@ -76,7 +76,7 @@ def test_default_service_decodes_with_int8_weights_where_the_kernels_build(serve
     assert server.settings.quantization == "auto"
     detail = httpx.get(f"{server.url}/healthz").json()["generator"]["detail"]
     expected = "int8" if qmatmul.load() else "none"
-    assert f"quantization {expected}, prefill from float weights)" in detail, detail
+    assert f"quantization {expected}, prefill from float weights in " in detail, detail
 
 
 def test_citations_point_to_the_right_document_and_page(server):

@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from generation import qmatmul
+from generation.device import split_dtypes
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
@@ -311,6 +313,21 @@ def test_engine_with_quantized_prefill_reports_it_and_decodes_as_generate_does(
     assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
 
 
+def _record_load_dtypes(monkeypatch) -> list:
+    """The dtype of each from_pretrained call Engine.load makes from now on."""
+    from generation import engine as engine_module
+
+    loaded = []
+    real = engine_module.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        loaded.append(kwargs["dtype"])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(engine_module.AutoModelForCausalLM, "from_pretrained", spy)
+    return loaded
+
+
 def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
     tiny_bf16_model_dir, kernels, monkeypatch
 ):
@@ -322,14 +339,7 @@ def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
         )
         return engine
 
-    loaded = []
-    real = engine_module.AutoModelForCausalLM.from_pretrained
-
-    def spy(path, **kwargs):
-        loaded.append(kwargs["dtype"])
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(engine_module.AutoModelForCausalLM, "from_pretrained", spy)
+    loaded = _record_load_dtypes(monkeypatch)
     narrow = load()
     real_weights = engine_module.checkpoint_weights
     monkeypatch.setattr(
@@ -359,3 +369,83 @@ def test_auto_prefill_weights_follow_the_memory_available_before_loading(
     # 25.1 MiB as float32, kept when at least twice that is available.
     assert load_with(64 * 2**20) == "float"
     assert load_with(32 * 2**20) == "quantized"
+
+
+def test_split_dtypes_computes_in_float32_and_prefills_in_bf16_only_for_auto_on_kernels():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert split_dtypes(cpu, "auto", bf16, True) == (fp32, bf16)
+    assert split_dtypes(cpu, "auto", bf16, False) == (bf16, bf16)  # torch's kernels, or none
+    assert split_dtypes(cpu, "bfloat16", bf16, True) == (bf16, bf16)  # asked for: kept
+    assert split_dtypes(cpu, "auto", fp32, True) == (fp32, fp32)  # no fast bf16 here
+    assert split_dtypes(cuda, "auto", bf16, True) == (bf16, bf16)
+
+
+def test_bf16_prefill_weights_in_a_float32_model_multiply_in_bf16_then_add_the_bias():
+    dense = _linear()
+    q = QuantizedLinear(dense, "int8", prefill_rows=16, dtype=torch.float32)
+    q.bias = nn.Parameter(dense.bias.detach().float(), requires_grad=False)
+    x = torch.randn(40, 256)
+    expected = F.linear(x.bfloat16(), dense.weight).float() + q.bias
+    assert torch.equal(q(x), expected)
+    assert q(x).dtype == torch.float32
+
+
+def _load_with_bf16_cpu(folder, monkeypatch, **kwargs):
+    """Engine.load as on a CPU with AVX-512-BF16, whatever this one has, and the dtypes
+    from_pretrained loaded in."""
+    from generation import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: True)
+    loaded = _record_load_dtypes(monkeypatch)
+    engine, report = Engine.load(folder, **kwargs)
+    return engine, report, loaded
+
+
+def test_auto_dtype_on_a_bf16_cpu_decodes_quantized_in_float32_and_prefills_in_bf16(
+    tiny_bf16_model_dir, kernels, monkeypatch
+):
+    engine, report, loaded = _load_with_bf16_cpu(
+        tiny_bf16_model_dir, monkeypatch, quantization="int8", prefill_weights="float"
+    )
+    assert (report.dtype, report.prefill_dtype) == ("float32", "bfloat16")
+    assert loaded == [torch.bfloat16]  # the kept bf16 weights are the loaded ones
+    projections = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
+    # 7 a layer and the untied lm_head
+    assert len(projections) == 15 and {m.weight.dtype for m in projections} == {torch.bfloat16}
+    kept = {id(m.weight) for m in projections}
+    others = [p for p in engine.model.parameters() if id(p) not in kept]  # norms, embedding
+    assert {p.dtype for p in others} == {torch.float32}
+    # Decode steps take the float32 C++ layer, which a bf16 model could not.
+    assert [ly.fused is not None for ly in engine.lean.layers] == [True, True]
+    ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
+    assert len(ids) > 16  # the prompt takes the bf16 weights
+    assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
+
+
+def test_auto_dtype_on_a_bf16_cpu_stays_bf16_when_asked_or_unquantized(
+    tiny_bf16_model_dir, kernels, monkeypatch
+):
+    _, asked, _ = _load_with_bf16_cpu(
+        tiny_bf16_model_dir, monkeypatch, dtype="bfloat16", quantization="int8"
+    )
+    _, unquantized, _ = _load_with_bf16_cpu(tiny_bf16_model_dir, monkeypatch, quantization="none")
+    assert (asked.dtype, asked.prefill_dtype) == ("bfloat16", "bfloat16")
+    assert (unquantized.dtype, unquantized.prefill_dtype) == ("bfloat16", "bfloat16")
+
+
+def test_a_bf16_model_prefills_from_quantized_weights_expanded_in_float32(
+    tiny_bf16_model_dir, kernels
+):
+    # Long prompts used to fail here: a bf16 activation against the float32 scratch.
+    engine, report = Engine.load(
+        tiny_bf16_model_dir, dtype="bfloat16", quantization="int8", prefill_weights="quantized"
+    )
+    assert (report.dtype, report.prefill_weights, report.prefill_dtype) == (
+        "bfloat16",
+        "quantized",
+        "float32",
+    )
+    ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
+    assert len(ids) > 16
+    assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
