@@ -211,7 +211,8 @@ class QuantizedLinear(nn.Module):
         self.out_features = dense.out_features
         self.siblings: SiblingGroup | None = None  # set by `fuse_siblings`
         # Float, for prefill (shared when tied to embeddings); None when the layer expands
-        # its packed weights into `scratch` instead (prefill_weights "quantized").
+        # its packed weights into `scratch` instead (prefill_weights "quantized"), or,
+        # without a scratch either, multiplies every call's rows on the packs.
         self.weight: nn.Parameter | None = dense.weight
         self.scratch: PrefillScratch | None = None
         self.bias = dense.bias
@@ -259,8 +260,9 @@ class QuantizedLinear(nn.Module):
         w = self.scratch.take(self.out_features, self.in_features)
         return expand_packed(self.qweight, self.scales, self.mode, self.group_size, w)
 
-    def drop_float_weight(self, scratch: PrefillScratch) -> None:
-        """Prefill from the packed weights, expanded into `scratch`, and free the float one."""
+    def drop_float_weight(self, scratch: PrefillScratch | None) -> None:
+        """Free the float weight: long calls then expand the packs into `scratch`, or,
+        with None, run on the kernel whatever their rows (a layer that sees few)."""
         if not self.kernel:
             raise ValueError("prefill from packed weights needs ragqa's kernels")
         self.weight = None
@@ -287,7 +289,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""
         rows = x.numel() // self.in_features
-        if rows > self.prefill_rows:
+        has_float = self.weight is not None or self.scratch is not None
+        if rows > self.prefill_rows and has_float:
             # Members of a sibling group too: stacked, their outputs would be strided
             # slices, which made the elementwise ops after them (silu, mul, the bias add)
             # twice as slow and cost more than one GEMM over the stack saves.
@@ -443,6 +446,12 @@ def _widen(module: nn.Module, dtype: torch.dtype, keep: set[int] | None = None) 
             param.data = param.data.to(dtype)
 
 
+def _vocabulary_projection(model: nn.Module) -> nn.Module | None:
+    """The layer that turns hidden states into logits (lm_head), where the model says."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
 
@@ -480,7 +489,7 @@ def _cache_complete(cache: Path | None, names: list[str]) -> bool:
 def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
     """From a safetensors checkpoint's headers: the one float dtype all its tensors are
     stored in (None when mixed or unknown), and how many values its matrices other than
-    the embeddings hold (what `quantize_model` would keep float copies of)."""
+    the embeddings and lm_head hold (what `quantize_model` would keep float copies of)."""
     found: set[str] = set()
     matrix_values = 0
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -492,7 +501,8 @@ def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
                 tensor = f.get_slice(name)
                 found.add(tensor.get_dtype())
                 shape = tensor.get_shape()
-                if len(shape) == 2 and "embed" not in name:
+                # Embeddings and the vocabulary projection keep no float copy.
+                if len(shape) == 2 and "embed" not in name and not name.startswith("lm_head."):
                     matrix_values += shape[0] * shape[1]
     dtype = _STORED_DTYPES.get(found.pop()) if len(found) == 1 else None
     return dtype, matrix_values
@@ -566,12 +576,13 @@ def quantize_model(
     # rows up and must stay row-major (and whose prefill needs only the last position).
     # It costs nothing to keep, so it keeps its float weight whatever prefill_weights says.
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    vocabulary = _vocabulary_projection(model)
     kept_dtype = prefill_dtype or dtype
     itemsize = kept_dtype.itemsize if kept_dtype is not None else None
     float_bytes = sum(
         m.weight.numel() * (itemsize or m.weight.element_size())
         for _, m in _targets(model)
-        if id(m.weight) not in embeddings
+        if id(m.weight) not in embeddings and m is not vocabulary
     )
     if dtype is not None:
         for module in model.modules():
@@ -612,7 +623,14 @@ def quantize_model(
                 dtype=dtype,
             )
             tied = id(linear.weight) in embeddings
-            if scratch is not None and quantized.kernel and not tied:
+            if linear is vocabulary and quantized.kernel and not tied:
+                # It multiplies one row a sequence: the prefill's last position (the engine
+                # asks for logits_to_keep=1) and each decode step's token, which the kernel
+                # takes however many sequences are batched. A float copy would never be read
+                # (the 1.5B: 0.93 GB in float32).
+                quantized.drop_float_weight(None)
+                _drop_weight(linear)
+            elif scratch is not None and quantized.kernel and not tied:
                 quantized.drop_float_weight(scratch)
                 _drop_weight(linear)
                 dropped += 1

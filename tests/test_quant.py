@@ -365,10 +365,32 @@ def test_auto_prefill_weights_follow_the_memory_available_before_loading(
         )
         return report.prefill_weights
 
-    # Its matrices other than the embedding (lm_head is not tied) hold 6,586,368 values:
-    # 25.1 MiB as float32, kept when at least twice that is available.
-    assert load_with(64 * 2**20) == "float"
-    assert load_with(32 * 2**20) == "quantized"
+    # Its matrices other than the embedding and lm_head hold 294,912 values: 1.125 MiB as
+    # float32, kept when at least twice that is available.
+    assert load_with(4 * 2**20) == "float"
+    assert load_with(2 * 2**20) == "quantized"
+
+
+@pytest.mark.parametrize("prefill_weights", ["float", "quantized"])
+def test_an_untied_vocabulary_projection_keeps_no_float_weight_and_takes_any_rows_packed(
+    tiny_bf16_model_dir, kernels, prefill_weights
+):
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.float32)
+    float_head = model.lm_head.weight.detach().clone()
+    quantize_model(model, "int8", prefill_weights=prefill_weights)
+    head = model.lm_head
+    assert isinstance(head, QuantizedLinear)
+    assert head.weight is None and head.scratch is None
+    # The other projections keep what prefill_weights asks for.
+    assert (model.model.layers[0].mlp.down_proj.weight is None) == (prefill_weights == "quantized")
+    # More rows than prefill_rows (a batch of 40 sequences' decode steps) take the kernel,
+    # which gives each row what it gives that row alone.
+    torch.manual_seed(0)
+    x = torch.randn(40, 128)
+    logits = head(x)
+    assert torch.equal(logits, torch.cat([head(x[i : i + 1]) for i in range(40)]))
+    reference = x @ float_head.T
+    assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
 
 
 def test_split_dtypes_computes_in_float32_and_prefills_in_bf16_only_for_auto_on_kernels():
@@ -411,9 +433,10 @@ def test_auto_dtype_on_a_bf16_cpu_decodes_quantized_in_float32_and_prefills_in_b
     assert (report.dtype, report.prefill_dtype) == ("float32", "bfloat16")
     assert loaded == [torch.bfloat16]  # the kept bf16 weights are the loaded ones
     projections = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
-    # 7 a layer and the untied lm_head
-    assert len(projections) == 15 and {m.weight.dtype for m in projections} == {torch.bfloat16}
-    kept = {id(m.weight) for m in projections}
+    # 7 a layer and the untied lm_head, which keeps no float weight
+    assert len(projections) == 15 and engine.model.lm_head.weight is None
+    assert {m.weight.dtype for m in projections[:-1]} == {torch.bfloat16}
+    kept = {id(m.weight) for m in projections[:-1]}
     others = [p for p in engine.model.parameters() if id(p) not in kept]  # norms, embedding
     assert {p.dtype for p in others} == {torch.float32}
     # Decode steps take the float32 C++ layer, which a bf16 model could not.
