@@ -161,9 +161,8 @@ class PrefillScratch:
     Layers run one after another on the generator's thread, so one buffer of the largest
     layer's size serves them all; a tensor allocated per call would be mapped and
     page-faulted anew each time (the 1.5B model's gate or up projection is 55 MB). The
-    engine keeps only the last position's logits, so the vocabulary projection never runs
-    on many rows there; a full-sequence forward would grow the buffer to its size (0.93 GB
-    for the 1.5B).
+    vocabulary projection never expands into it: it multiplies every call on the kernel
+    (`quantize_model`), and would grow the buffer to 0.93 GB on the 1.5B.
     """
 
     def __init__(self) -> None:
@@ -513,8 +512,8 @@ def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) 
 
     `float_bytes` is what the float copies take, `available` what the system has free
     (`Engine.load` asks before loading the model). "auto" keeps the copies when they take
-    at most half of it: a model with its copies takes about 1.6 times their size (1.5B
-    int8: 10.9 GB peak for 6.2 GB of copies), which leaves some room for the KV cache, the
+    at most half of it: a model with its copies peaks at about 1.8 times their size while
+    loading (1.5B int8: 9.65 GB for 5.2 GB of copies), which leaves some room for the KV cache, the
     embedder, the index and other programs. Where the available memory is unknown it keeps
     them (the faster prefill).
     """

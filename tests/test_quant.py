@@ -328,14 +328,18 @@ def _record_load_dtypes(monkeypatch) -> list:
     return loaded
 
 
+@pytest.mark.parametrize("prefill_weights", ["quantized", "float"])
 def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
-    tiny_bf16_model_dir, kernels, monkeypatch
+    tiny_bf16_model_dir, kernels, monkeypatch, prefill_weights
 ):
     from generation import engine as engine_module
 
     def load():
         engine, _ = Engine.load(
-            tiny_bf16_model_dir, dtype="float32", quantization="int8", prefill_weights="quantized"
+            tiny_bf16_model_dir,
+            dtype="float32",
+            quantization="int8",
+            prefill_weights=prefill_weights,
         )
         return engine
 
@@ -348,6 +352,11 @@ def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
     wide = load()
     assert loaded == [torch.bfloat16, torch.float32]
     assert {p.dtype for p in narrow.model.parameters()} == {torch.float32}
+    # 40 rows: the float copies (column-major) or the expanded packs, in float32 either way.
+    down = narrow.model.model.layers[0].mlp.down_proj
+    assert (down.weight is None) == (prefill_weights == "quantized")
+    if down.weight is not None:
+        assert down.weight.stride() == (1, down.out_features)
     ids = torch.tensor([list(range(5, 45))])
     with torch.inference_mode():
         assert torch.equal(narrow.model(ids).logits, wide.model(ids).logits)
