@@ -12,9 +12,10 @@ float weight to the row-major one. Above 16 rows (where the engine takes the flo
 only the float layouts are timed.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
-instead streams every layer's weights from memory once, so `decode_step` times ragqa's
-int8 kernel over distinct weights for every layer (1.6 GB for the 1.5B model) against a
-plain read of the same number of bytes: the memory-bandwidth floor of a decode step.
+instead streams every layer's weights from memory once, so `decode_step` (int8) and
+`decode_step_int4` (int4, --group-size) time ragqa's kernel over distinct weights for
+every layer (1.6 GB for the 1.5B model in int8) against a plain read of the same number of
+bytes: the memory-bandwidth floor of a decode step.
 """
 
 from __future__ import annotations
@@ -70,23 +71,31 @@ def median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     return round(statistics.median(times) * 1000, 3)
 
 
-def decode_step(model: str, repeat: int) -> dict[str, float]:
-    """One decode step's int8 matmuls over distinct weights vs reading as many bytes."""
+def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, float]:
+    """One decode step's int8 or int4 matmuls over distinct weights vs reading as many bytes."""
     shapes = SHAPES[model]
     # gate and up are one stacked weight at run time (quant.fuse_siblings), as are q/k/v.
     gate_up = (2 * shapes["gate_up"][0], shapes["gate_up"][1])
     order = [shapes["qkv"], shapes["o_proj"], gate_up, shapes["down"]]
     weights = []
     for n, k in order * LAYERS[model] + [shapes["lm_head"]]:
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        weights.append((torch.randn(1, k), q, (torch.rand(n, k // qmatmul.BLOCK) * 1e-3).half()))
+        if kind == "int8":
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+            s = (torch.rand(n, k // qmatmul.BLOCK) * 1e-3).half()
+        else:
+            q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+            s = (torch.rand(n, k // group, 2) * 1e-3).half()
+        weights.append((torch.randn(1, k), q, s))
     nbytes = sum(q.numel() + s.numel() * 2 for _, q, s in weights)
     # Random floats, not zeros: a fresh zeroed allocation may be the shared zero page.
     plain = [torch.randn((q.numel() + s.numel() * 2) // 4) for _, q, s in weights]
 
     def matmuls() -> None:
         for x, q, s in weights:
-            qmatmul.int8_linear(x, q, s)
+            if kind == "int8":
+                qmatmul.int8_linear(x, q, s)
+            else:
+                qmatmul.int4_linear(x, q, s, group)
 
     def read() -> None:
         for t in plain:
@@ -95,7 +104,7 @@ def decode_step(model: str, repeat: int) -> dict[str, float]:
     kernel: list[float] = []
     floor: list[float] = []
     with torch.inference_mode():
-        matmuls()  # warm-up, once: every pass streams the same 1.6 GB anyway
+        matmuls()  # warm-up, once: every pass streams the same bytes anyway
         read()
         # Interleaved, so a change in the machine's memory bandwidth hits both alike.
         for _ in range(repeat):
@@ -107,17 +116,17 @@ def decode_step(model: str, repeat: int) -> dict[str, float]:
     read_ms = round(statistics.median(floor), 3)
     return {
         "weight_gb": round(nbytes / 1e9, 3),
-        "ragqa_int8_ms": kernel_ms,
+        f"ragqa_{kind}_ms": kernel_ms,
         "read_same_bytes_ms": read_ms,
-        "ratio_int8_vs_read": round(kernel_ms / read_ms, 3),
-        "int8_gb_s": round(nbytes / kernel_ms / 1e6, 1),
+        f"ratio_{kind}_vs_read": round(kernel_ms / read_ms, 3),
+        f"{kind}_gb_s": round(nbytes / kernel_ms / 1e6, 1),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(SHAPES), default="1.5b")
-    parser.add_argument("--rows", default="1,4,16")
+    parser.add_argument("--rows", default="1,4,16", help="row counts; empty: none")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
@@ -133,7 +142,7 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     for name, (n, k) in SHAPES[args.model].items():
         w = (torch.randn(n, k) * 0.02).to(dtype)
-        w_columns = prefill_layout(w)
+        w_columns = prefill_layout(w, dtype)
         q4, sz = quantize_int4(w, g)
         packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
         sz_dtype = sz.to(dtype)
@@ -142,7 +151,7 @@ def main() -> None:
         q8b, s8b = quantize_int8_blocks(w)  # ours: a scale per block of 32
         qs, sm = qmatmul.pack_int4(q4, sz)
         del q4
-        for rows in (int(r) for r in args.rows.split(",")):
+        for rows in (int(r) for r in args.rows.split(",") if r):
             x = torch.randn(rows, k).to(dtype)
             timing: dict[str, float] = {}
             with torch.inference_mode():
@@ -196,7 +205,8 @@ def main() -> None:
         "shapes": results,
     }
     if args.step_repeat:
-        out["decode_step"] = decode_step(args.model, args.step_repeat)
+        out["decode_step"] = decode_step(args.model, args.step_repeat, "int8", g)
+        out["decode_step_int4"] = decode_step(args.model, args.step_repeat, "int4", g)
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

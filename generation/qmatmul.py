@@ -104,27 +104,33 @@ def load() -> bool:
 
 
 def supports_int4(in_features: int, group_size: int) -> bool:
-    return group_size % BLOCK == 0 and in_features % group_size == 0
+    # The kernel reads blocks of 32 inputs two at a time (one 32-byte load of nibbles).
+    return group_size % BLOCK == 0 and in_features % group_size == 0 and in_features % 64 == 0
 
 
 def supports_int8(in_features: int) -> bool:
     return in_features % BLOCK == 0
 
 
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] values 0..15 -> [N, K/2] uint8: per 64 inputs 32 bytes, byte j holding
+    input j in its low nibble and input 32 + j in its high one (llama.cpp's Q4_K order)."""
+    n, k = q.shape
+    pairs = q.reshape(n, k // 64, 2, 32).to(torch.uint8)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
 def pack_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From `quant.quantize_int4`'s output to the int4 kernel's layout.
 
     q [N, K] uint8 0..15, scales_and_zeros [K/g, N, 2] (w = (q - 8) * scale + zero)
-    -> qs [N, K/2] uint8 (per block of 32: byte j = q[j] | q[j + 16] << 4),
+    -> qs [N, K/2] uint8 (`pack_nibbles`),
        sm [N, K/g, 2] float16 (w = q * s + m, so m = zero - 8 * scale).
     """
-    n, k = q.shape
-    blocks = q.reshape(n, k // BLOCK, 2, BLOCK // 2).to(torch.uint8)
-    qs = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     scale = scales_and_zeros[..., 0].float().transpose(0, 1)
     zero = scales_and_zeros[..., 1].float().transpose(0, 1)
     sm = torch.stack([scale, zero - 8 * scale], dim=-1).to(torch.float16).contiguous()
-    return qs, sm
+    return pack_nibbles(q), sm
 
 
 def int4_linear(

@@ -73,10 +73,12 @@ def test_int4_kernel_equals_integer_arithmetic_on_int8_activations():
     assert torch.allclose(y, expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(group):
-    q, _, qs, sm = _weights(n=64, k=512, g=group)
-    x = torch.randn(3, 512)
+# Scales of 8 blocks at once for groups of 1, 2, 4 or 8 blocks; one pair of blocks at a
+# time for 3 (96) and for the 2 blocks after 8 (320).
+@pytest.mark.parametrize(("group", "k"), [(32, 512), (64, 512), (128, 512), (96, 384), (32, 320)])
+def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(group, k):
+    q, _, qs, sm = _weights(n=64, k=k, g=group)
+    x = torch.randn(3, k)
     w = _float_weight(q, sm, group)
     err = (qmatmul.int4_linear(x, qs, sm, group) - x @ w.T).abs()
     # each activation moves by at most half its block's step d = max|x| / 127
@@ -137,9 +139,10 @@ def test_quantized_linear_uses_our_kernel_and_agrees_with_torchs(mode):
 
 
 def test_kernels_take_only_whole_blocks_that_divide_the_inputs():
-    assert qmatmul.supports_int4(256, 64) and qmatmul.supports_int4(96, 32)
+    assert qmatmul.supports_int4(256, 64) and qmatmul.supports_int4(192, 32)
     assert not qmatmul.supports_int4(256, 48)  # not whole blocks of 32
-    assert not qmatmul.supports_int4(96, 64)  # 64 does not divide 96
+    assert not qmatmul.supports_int4(192, 128)  # 128 does not divide 192
+    assert not qmatmul.supports_int4(96, 32)  # int4 blocks come in pairs: 64 inputs
     assert qmatmul.supports_int8(96) and not qmatmul.supports_int8(100)
     torch.manual_seed(0)
     odd = QuantizedLinear(nn.Linear(100, 8), "int8")

@@ -7,11 +7,14 @@
 // instruction pair does 32 multiply-adds; floats appear once per block of 32.
 //
 // Weight layout, per output row n:
-//   qs [N, K/2] uint8: block b of 32 inputs is 16 bytes; byte j holds input 32b+j in its
-//                      low nibble and input 32b+16+j in its high nibble (values 0..15)
+//   qs [N, K/2] uint8: each 64 inputs are 32 bytes; byte j holds input 64c+j in its low
+//                      nibble and input 64c+32+j in its high nibble (values 0..15), the
+//                      order of llama.cpp's Q4_K, so a GGUF's Q4_K bytes are taken as they
+//                      are (generation/gguf_packs.py) and one 256-bit load feeds two blocks
 //   sm [N, K/g, 2] fp16: per group of g inputs, scale s and minimum m: w = q * s + m
-// so  y[n] = sum_g ( s_g * sum_{k in g} q_k x_k  +  m_g * sum_{k in g} x_k ).
-// The first sum uses the int8 activations, the second the exact float activations.
+// so  y[n] = sum_b ( s_b * sum_{k in b} q_k x_k  +  m_b * sum_{k in b} x_k )  over blocks b
+// of 32 (s_b, m_b: those of b's group). The first sum uses the int8 activations, the
+// second the exact float activations.
 // int8 weights (q8_linear) are symmetric per block of 32 inputs, as llama.cpp's Q8_0:
 // w = q * d_{n,b}, q in [-127, 127], d fp16 [N, K/32]. A scale per output row instead
 // lets one large weight coarsen its whole row: on the 1.5B model, under teacher forcing
@@ -45,22 +48,13 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 packed bytes -> 32 bytes, inputs 0..15 in the low lane and 16..31 in the high lane.
-inline __m256i expand_nibbles(const uint8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, low_mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
-  return _mm256_set_m128i(hi, lo);
-}
-
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// x [M, K] float -> xq [M, K] int8, dx [M, K/32] (xq * dx ~ x), xsum [M, K/g] exact sums
-// (xsum only when group > 0: int8 weights have no minimum term to feed).
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq,
+// x [M, K] float -> xq [M, K] int8, dx [M, K/32] (xq * dx ~ x), and with `sums` the exact
+// sums of each block of 32, xsum [M, K/32] (int8 weights have no minimum term to feed).
+void quantize_activations(const float* x, int64_t M, int64_t K, bool sums, int8_t* xq,
                           float* dx, float* xsum) {
-  const int64_t nb = K / kBlock, ng = group > 0 ? K / group : 0;
+  const int64_t nb = K / kBlock;
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
@@ -71,6 +65,10 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, i
       for (int i = 0; i < 4; ++i) {
         v[i] = _mm256_loadu_ps(p + 8 * i);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
+      }
+      if (sums) {
+        xsum[m * nb + b] =
+            hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
       }
       const float d = hmax(amax) / 127.0f;
       dx[m * nb + b] = d;
@@ -87,50 +85,121 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, i
       q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock), q8);
     }
-    for (int64_t g = 0; g < ng; ++g) {
-      const float* p = row + g * group;
-      __m256 s = _mm256_setzero_ps();
-      for (int64_t i = 0; i < group; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(p + i));
-      xsum[m * ng + g] = hsum(s);
-    }
   }
 }
 
-// Rows [n0, n1) of the output for activation rows [m0, m0 + MT).
+// Blocks 2p and 2p+1 of one int4 row against one activation row: 32 bytes -> the sums
+// of q x over each block, 8 int32 partial sums apiece.
+inline void q4_pair_sums(__m256i lo, __m256i hi, const int8_t* x_ptr, __m256i* first,
+                         __m256i* second) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_ptr));
+  const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_ptr + kBlock));
+  // u8 x s8 -> pairs summed in int16 (|15 * 127 * 2| < 2^15: no saturation), then pairs
+  // of int16 summed in int32.
+  *first = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa), ones);
+  *second = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), ones);
+}
+
+// The scales and minima of 8 consecutive blocks from a row's [K/g, 2] fp16 pairs, for
+// groups of `per_group` blocks (1, 2, 4 or 8): s and m get lane i = block b0 + i's.
+inline void load_scales8(const uint16_t* smrow, int64_t b0, int per_group, __m256* s,
+                         __m256* m) {
+  const uint16_t* p = smrow + 2 * (b0 / per_group);
+  if (per_group == 1) {  // 8 (s, m) pairs
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    // shuffle: [s0 s1 s4 s5 | s2 s3 s6 s7]; the 64-bit permute puts them in order.
+    *s = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+    *m = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+    return;
+  }
+  // 8 / per_group pairs, at most 4: read exactly their bytes (a row's last pairs may
+  // end the tensor).
+  alignas(16) uint16_t pairs[8] = {0};
+  for (int i = 0; i < 2 * (8 / per_group); ++i) pairs[i] = p[i];
+  const __m256 v = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(pairs)));
+  const int shift = per_group == 2 ? 1 : per_group == 4 ? 2 : 3;
+  const __m256i block = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i pair = _mm256_slli_epi32(_mm256_srli_epi32(block, shift), 1);
+  *s = _mm256_permutevar8x32_ps(v, pair);
+  *m = _mm256_permutevar8x32_ps(v, _mm256_add_epi32(pair, _mm256_set1_epi32(1)));
+}
+
+// int4 weights: rows [n0, n1) for activation rows [m0, m0 + MT). Each row of each tile
+// keeps its own accumulators and adds its blocks in order, so an output is the same float
+// whatever the tile size. Scales are converted 8 blocks at a time and broadcast from a
+// register; a group size whose blocks do not come in those sizes (or K's last blocks
+// short of 8) takes them one pair at a time.
 template <int MT>
 void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const float* dx,
               const float* xsum, float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N,
               int64_t K, int64_t group) {
-  const int64_t nb = K / kBlock, ng = K / group, per_group = group / kBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = K / kBlock, ng = K / group;
+  const int per_group = static_cast<int>(group / kBlock);
+  const bool vector_scales = per_group == 1 || per_group == 2 || per_group == 4 || per_group == 8;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qrow = qs + n * (K / 2);
     const uint16_t* smrow = sm + n * ng * 2;
-    __m256 acc[MT];
-    float min_acc[MT];
+    __m256 acc[MT], min_acc[MT];
     for (int i = 0; i < MT; ++i) {
       acc[i] = _mm256_setzero_ps();
-      min_acc[i] = 0.0f;
+      min_acc[i] = _mm256_setzero_ps();
     }
-    for (int64_t g = 0; g < ng; ++g) {
-      const float s = half_to_float(smrow[2 * g]);
-      const float mn = half_to_float(smrow[2 * g + 1]);
-      for (int i = 0; i < MT; ++i) min_acc[i] += mn * xsum[(m0 + i) * ng + g];
-      for (int64_t j = 0; j < per_group; ++j) {
-        const int64_t b = g * per_group + j;
-        const __m256i q = expand_nibbles(qrow + b * (kBlock / 2));
+    int64_t b = 0;
+    if (vector_scales) {
+      for (; b + 8 <= nb; b += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(qrow + b * (kBlock / 2) + 1024), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(qrow + b * (kBlock / 2) + 1024 + 64),
+                     _MM_HINT_T0);
+        __m256 s8, m8;
+        load_scales8(smrow, b, per_group, &s8, &m8);
+        __m256 scales[MT];
         for (int i = 0; i < MT; ++i) {
-          const __m256i xv =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + i) * K + b * kBlock));
-          // u8 x s8 -> pairs summed in int16 (|15 * 127 * 2| < 2^15: no saturation),
-          // then pairs of int16 summed in int32.
-          const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-          const __m256 scale = _mm256_set1_ps(s * dx[(m0 + i) * nb + b]);
-          acc[i] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[i]);
+          scales[i] = _mm256_mul_ps(s8, _mm256_loadu_ps(dx + (m0 + i) * nb + b));
+          min_acc[i] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum + (m0 + i) * nb + b), min_acc[i]);
+        }
+        for (int j = 0; j < 8; j += 2) {
+          const __m256i bytes =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + (b + j) * (kBlock / 2)));
+          const __m256i lo = _mm256_and_si256(bytes, low_mask);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+          const __m256i first = _mm256_set1_epi32(j), second = _mm256_set1_epi32(j + 1);
+          for (int i = 0; i < MT; ++i) {
+            __m256i sa, sb;
+            q4_pair_sums(lo, hi, xq + (m0 + i) * K + (b + j) * kBlock, &sa, &sb);
+            acc[i] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scales[i], first),
+                                     _mm256_cvtepi32_ps(sa), acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scales[i], second),
+                                     _mm256_cvtepi32_ps(sb), acc[i]);
+          }
         }
       }
     }
-    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = hsum(acc[i]) + min_acc[i];
+    for (; b < nb; b += 2) {  // nb is even: K is a multiple of 64
+      const __m256i bytes =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * (kBlock / 2)));
+      const __m256i lo = _mm256_and_si256(bytes, low_mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      const int64_t ga = b / per_group, gb = (b + 1) / per_group;
+      const float sa_w = half_to_float(smrow[2 * ga]), ma = half_to_float(smrow[2 * ga + 1]);
+      const float sb_w = half_to_float(smrow[2 * gb]), mb = half_to_float(smrow[2 * gb + 1]);
+      for (int i = 0; i < MT; ++i) {
+        __m256i sa, sb;
+        q4_pair_sums(lo, hi, xq + (m0 + i) * K + b * kBlock, &sa, &sb);
+        const float* d = dx + (m0 + i) * nb + b;
+        const float* xs = xsum + (m0 + i) * nb + b;
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sa_w * d[0]), _mm256_cvtepi32_ps(sa), acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sb_w * d[1]), _mm256_cvtepi32_ps(sb), acc[i]);
+        // lane 0 of the minimum accumulator: the same sum, in a fixed lane
+        min_acc[i] = _mm256_add_ps(
+            min_acc[i], _mm256_setr_ps(ma * xs[0] + mb * xs[1], 0, 0, 0, 0, 0, 0, 0));
+      }
+    }
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = hsum(acc[i]) + hsum(min_acc[i]);
   }
 }
 
@@ -223,15 +292,15 @@ struct QuantizedInput {
   at::Tensor xq, dx, xsum;
 };
 
-QuantizedInput quantize_input(const at::Tensor& x, int64_t group) {
+QuantizedInput quantize_input(const at::Tensor& x, bool sums) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   const at::Tensor xc = x.contiguous();
   QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)),
                     at::empty({M, K / kBlock}, x.options()),
-                    at::empty({M, group > 0 ? K / group : 0}, x.options())};
-  quantize_activations(xc.data_ptr<float>(), M, K, group, in.xq.data_ptr<int8_t>(),
+                    at::empty({M, sums ? K / kBlock : 0}, x.options())};
+  quantize_activations(xc.data_ptr<float>(), M, K, sums, in.xq.data_ptr<int8_t>(),
                        in.dx.data_ptr<float>(), in.xsum.data_ptr<float>());
   return in;
 }
@@ -249,7 +318,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   TORCH_CHECK(qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) * kBlock == K,
               "weight shapes do not match K = ", K, " (scales must be [N, K/32])");
-  const QuantizedInput in = quantize_input(x, 0);
+  const QuantizedInput in = quantize_input(x, false);
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
@@ -271,9 +340,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0,
               "group must be a multiple of 32 dividing K, got group ", group, " and K ", K);
+  TORCH_CHECK(K % (2 * kBlock) == 0, "int4 weights come in pairs of blocks: K must be a "
+              "multiple of 64, got ", K);
   TORCH_CHECK(qs.size(1) * 2 == K && sm.size(0) == N && sm.size(1) == K / group,
               "weight shapes do not match K = ", K);
-  const QuantizedInput in = quantize_input(x, group);
+  const QuantizedInput in = quantize_input(x, true);
   const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
@@ -332,8 +403,9 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && sm.scalar_type() == at::kHalf,
               "qs must be [N, K/2] uint8 and sm float16");
   const int64_t N = qs.size(0), K = qs.size(1) * 2;
-  TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0,
-              "group must be a multiple of 32 dividing K, got group ", group, " and K ", K);
+  TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0 && K % (2 * kBlock) == 0,
+              "group must be a multiple of 32 dividing K (a multiple of 64), got group ", group,
+              " and K ", K);
   const int64_t ng = K / group, per_group = group / kBlock;
   TORCH_CHECK(sm.dim() == 3 && sm.size(0) == N && sm.size(1) == ng && sm.size(2) == 2,
               "sm must be [N, K/group, 2] for qs of shape [", N, ", ", K / 2, "]");
@@ -341,22 +413,25 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   float* op = expansion_buffer(out, N * K);
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t g = 0; g < ng; ++g) {
+      for (int64_t b = 0; b < K / kBlock; ++b) {
+        // Block b's 32 values: the low nibbles of its pair's 32 bytes for an even b, the
+        // high ones for an odd b.
+        const uint8_t* pair = qp + n * (K / 2) + (b / 2) * kBlock;
+        const int64_t g = b / per_group;
         const __m256 s = _mm256_set1_ps(half_to_float(sp[(n * ng + g) * 2]));
         const __m256 m = _mm256_set1_ps(half_to_float(sp[(n * ng + g) * 2 + 1]));
-        for (int64_t j = 0; j < per_group; ++j) {
-          const int64_t b = g * per_group + j;
-          const __m256i q = expand_nibbles(qp + n * (K / 2) + b * (kBlock / 2));
-          alignas(32) uint8_t bytes[32];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), q);
-          float* o = op + n * K + b * kBlock;
-          for (int i = 0; i < 4; ++i) {
-            const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i));
-            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-            _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(v, s, m));
-          }
+        float* o = op + n * K + b * kBlock;
+        for (int half = 0; half < 2; ++half) {
+          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16 * half));
+          if (b % 2) bytes = _mm_srli_epi16(bytes, 4);
+          bytes = _mm_and_si128(bytes, low_mask);
+          const __m256 v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+          const __m256 v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+          _mm256_storeu_ps(o + 16 * half, _mm256_fmadd_ps(v0, s, m));
+          _mm256_storeu_ps(o + 16 * half + 8, _mm256_fmadd_ps(v1, s, m));
         }
       }
     }
