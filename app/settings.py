@@ -63,12 +63,15 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Generator dtype; auto picks bf16 where it is fast."
     )
-    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+    quantization: Literal["auto", "none", "int8", "int4", "gguf"] = Field(
         "auto",
         description="Weight-only quantization of the generator on CPU; auto is int8 where "
-        "ragqa's CPU kernels build, none elsewhere (GPUs included).",
+        "ragqa's CPU kernels build, none elsewhere (GPUs included); gguf takes the 4-bit "
+        "blocks of the GGUF the model was converted from as they are and int8 elsewhere.",
     )
-    quant_group_size: int = Field(64, ge=16, le=1024, description="int4 group size.")
+    quant_group_size: int = Field(
+        64, ge=16, le=1024, description="int4 group size (gguf's 4-bit blocks are 32)."
+    )
     prefill_weights: Literal["auto", "float", "quantized"] = Field(
         "auto",
         description="Weights a quantized generator prefills with: float copies (fastest; "

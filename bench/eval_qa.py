@@ -41,6 +41,7 @@ from app.main import build_services
 from app.settings import Settings
 from app.wiring import answerable_threshold, build_answerer, build_ingest, build_retriever
 from generation.params import GenerationParams
+from generation.quant import SETTING_MODES
 from ingest.schema import Document
 
 
@@ -215,7 +216,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--refusal-threshold", type=float, default=None)
     parser.add_argument("--answerable-threshold", type=float, default=None)
-    parser.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default=None)
+    parser.add_argument("--quantization", choices=SETTING_MODES, default=None)
     parser.add_argument(
         "--baseline",
         type=Path,

@@ -32,6 +32,7 @@ from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.presets import GENERATOR_PRESETS
 from generation.provision import resolve_generator
+from generation.quant import SETTING_MODES
 from generation.scheduler import Scheduler
 
 SYSTEM = (
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="none")
+    parser.add_argument("--quant", choices=SETTING_MODES, default="none")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
         "--prefill-weights",

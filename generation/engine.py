@@ -22,10 +22,12 @@ from transformers.cache_utils import DynamicLayer
 from generation import hugepages, lean_decode, qmatmul
 from generation.attention import use_decode_attention
 from generation.device import choose_device, choose_dtype, split_dtypes
+from generation.gguf_packs import find_gguf
 from generation.kv import KV, append_kv
 from generation.memory import available_memory
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
+from generation.provision import GGUF_NAME
 from generation.quant import (
     cache_path,
     checkpoint_weights,
@@ -154,6 +156,13 @@ class Engine:
             else:
                 folder = Path(path)
                 cache = cache_path(folder, quantization, group_size) if folder.is_dir() else None
+                gguf = find_gguf(folder) if folder.is_dir() else None
+                if quantization == "gguf" and gguf is None:
+                    raise ValueError(
+                        f"quantization gguf reads the GGUF the model was converted from, as "
+                        f"{folder / GGUF_NAME} or {folder.parent / GGUF_NAME}; neither exists "
+                        f"(int8 and int4 need no GGUF)"
+                    )
                 done = quantize_model(
                     model,
                     quantization,
@@ -162,6 +171,7 @@ class Engine:
                     prefill_weights=prefill_weights,
                     dtype=dt if narrow else None,
                     prefill_dtype=prefill_dt if prefill_dt != dt else None,
+                    gguf=gguf,
                 )
                 prefill_weights = str(done["prefill_weights"])
                 moved = hugepages.move_packs(model)

@@ -156,11 +156,14 @@ def _fused_arguments(
     single = [o, down]
     if not all(isinstance(m, QuantizedLinear) and m.kernel and m.siblings is None for m in single):
         return None
-    packs = {(m.mode, m.group_size if m.mode == "int4" else 0) for m in (qkv, gate_up, o, down)}
+    # 0 selects the int8 kernel, a group size the int4 one; a model quantized from its GGUF
+    # mixes them (generation/gguf_packs.py).
+    qkv_group, o_group, gate_up_group, down_group = (
+        m.group_size if m.mode == "int4" else 0 for m in (qkv, o, gate_up, down)
+    )
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if len(packs) != 1 or any(w.dtype != torch.float32 for w in norms):
+    if any(w.dtype != torch.float32 for w in norms):
         return None
-    ((_, group),) = packs  # 0 selects the int8 kernel, a group size the int4 one
     heads = attn.q_proj.out_features // attn.head_dim
     kv_heads = attn.k_proj.out_features // attn.head_dim
     inputs = (
@@ -169,7 +172,7 @@ def _fused_arguments(
         qkv.qweight,
         qkv.scales,
         qkv.bias,
-        group,
+        qkv_group,
         heads,
         kv_heads,
     )
@@ -186,7 +189,9 @@ def _fused_arguments(
         down.qweight,
         down.scales,
         down.bias,
-        group,
+        o_group,
+        gate_up_group,
+        down_group,
     )
     return _Fused(inputs, output)
 

@@ -32,12 +32,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from generation import qmatmul
+from generation import gguf_packs, qmatmul
+from generation.gguf_packs import GgufPacks
 from generation.memory import available_memory, release_mapped_pages, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "int8", "int4")
+# "gguf": int4 where the model's GGUF stores Q4_K blocks, int8 elsewhere (gguf_packs.py).
+MODES = ("none", "int8", "int4", "gguf")
 PREFILL_WEIGHTS = ("auto", "float", "quantized")
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
@@ -458,7 +460,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     # int8 is "-b32": its scales went from one per row to one per block of 32, and a
     # cache of the old layout must not be read as the new one.
-    suffix = f"-g{group_size}" if mode == "int4" else f"-b{qmatmul.BLOCK}"
+    suffix = {"int4": f"-g{group_size}", "gguf": ""}.get(mode, f"-b{qmatmul.BLOCK}")
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
@@ -549,6 +551,7 @@ def quantize_model(
     prefill_weights: str = "float",
     dtype: torch.dtype | None = None,
     prefill_dtype: torch.dtype | None = None,
+    gguf: Path | None = None,
 ) -> dict[str, object]:
     """Replace every nn.Linear (lm_head included) in place; returns what was done.
 
@@ -561,9 +564,12 @@ def quantize_model(
     packed, so that it never holds every weight in both dtypes (`Engine.load`). With
     `prefill_dtype` (bfloat16 in a float32 model: `device.split_dtypes`), the float weights
     kept for prefill are kept in that dtype, as loaded when the checkpoint stores it.
+    Mode "gguf" reads the packs it can from `gguf`, the file the model was converted from.
     """
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
+    if mode == "gguf" and gguf is None:
+        raise ValueError("quantization gguf needs the model's GGUF file; none was given")
     if prefill_weights not in PREFILL_WEIGHTS:
         raise ValueError(
             f"prefill_weights must be one of {PREFILL_WEIGHTS}, got {prefill_weights!r}"
@@ -595,6 +601,7 @@ def quantize_model(
     narrow_kept: set[int] = set()  # prefill weights kept in prefill_dtype: never widened
     targets = _targets(model)
     from_cache = _cache_complete(cache, [name for name, _ in targets])
+    from_gguf = GgufPacks(gguf) if mode == "gguf" and gguf is not None and not from_cache else None
     to_save: dict[str, torch.Tensor] = {}
     # Packs are read one at a time with pread into memory of their own, not through a
     # mapping of the file: a mapping stays resident until its last tensor dies, so packs
@@ -606,17 +613,27 @@ def quantize_model(
         else contextlib.nullcontext()
     ) as stored:
         for index, (name, linear) in enumerate(targets):
+            layer_mode = mode
             if stored is not None:
                 packed = {key: stored.get_tensor(f"{name}.{key}") for key in ("qweight", "scales")}
+            elif from_gguf is not None:
+                layer_mode, packed = from_gguf.pack(
+                    name,
+                    linear.weight.detach(),
+                    lambda w: QuantizedLinear.quantize(w, "int8", group_size),
+                )
             else:
                 packed = QuantizedLinear.quantize(linear.weight.detach(), mode, group_size)
+            if stored is None:
                 to_save[f"{name}.qweight"] = packed["qweight"]
                 to_save[f"{name}.scales"] = packed["scales"]
+            if mode == "gguf":  # int4 packs hold values 0..15 as uint8, int8 ones int8
+                layer_mode = "int4" if packed["qweight"].dtype == torch.uint8 else "int8"
             # Packed from the narrow values if the model was loaded narrow: the same packs.
             quantized = QuantizedLinear(
                 linear,
-                mode,
-                group_size=group_size,
+                layer_mode,
+                group_size=gguf_packs.GROUP if mode == "gguf" else group_size,
                 prefill_rows=prefill_rows,
                 packed=packed,
                 dtype=dtype,

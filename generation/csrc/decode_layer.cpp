@@ -8,8 +8,9 @@
 // the same; only the interpreter is gone. The layer is split where the Python code appends
 // the new key and value to the caches, which it grows in place (generation/kv.py).
 //
-// Weights are the quantized kernels' packs: group 0 selects the int8 kernel (qw [N, K]
-// int8, scales [N, K/32] fp16), group > 0 the int4 one (qs [N, K/2], sm [N, K/g, 2]).
+// Weights are the quantized kernels' packs, each projection with its own group: 0 selects
+// the int8 kernel (qw [N, K] int8, scales [N, K/32] fp16), > 0 the int4 one (qs [N, K/2],
+// sm [N, K/g, 2]). A model quantized from its GGUF mixes both (generation/gguf_packs.py).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -80,17 +81,19 @@ at::Tensor decode_layer_output(
     const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
     const at::Tensor& gate_up_scales, const std::optional<at::Tensor>& gate_up_bias,
     int64_t gate_width, const at::Tensor& down_weight, const at::Tensor& down_scales,
-    const std::optional<at::Tensor>& down_bias, int64_t group) {
+    const std::optional<at::Tensor>& down_bias, int64_t o_group, int64_t gate_up_group,
+    int64_t down_group) {
   const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
   const at::Tensor attn =
       ragqa::decode_attention(q.reshape({b, hq, d}), keys, values, mask, scale).view({b, 1, hq, d});
   const at::Tensor o = project(attn.reshape({b, 1, -1}).contiguous(), o_weight, o_scales, o_bias,
-                               group);  // [B, H]
+                               o_group);  // [B, H]
   const at::Tensor mid = h + o.reshape({b, 1, -1});
   const at::Tensor y = project(rms_norm(mid, norm_weight, eps), gate_up_weight, gate_up_scales,
-                               gate_up_bias, group);  // [B, 2 I]
+                               gate_up_bias, gate_up_group);  // [B, 2 I]
   const at::Tensor act = at::silu(y.slice(1, 0, gate_width)) * y.slice(1, gate_width);
-  const at::Tensor down = project(act.unsqueeze(1), down_weight, down_scales, down_bias, group);
+  const at::Tensor down =
+      project(act.unsqueeze(1), down_weight, down_scales, down_bias, down_group);
   return mid + down.reshape({b, 1, -1});
 }
 
@@ -105,8 +108,8 @@ TORCH_LIBRARY_FRAGMENT(ragqa_qmatmul, m) {
       "decode_layer_output(Tensor h, Tensor q, Tensor keys, Tensor values, Tensor? mask, "
       "float scale, Tensor o_weight, Tensor o_scales, Tensor? o_bias, Tensor norm_weight, "
       "float eps, Tensor gate_up_weight, Tensor gate_up_scales, Tensor? gate_up_bias, "
-      "int gate_width, Tensor down_weight, Tensor down_scales, Tensor? down_bias, int group) "
-      "-> Tensor");
+      "int gate_width, Tensor down_weight, Tensor down_scales, Tensor? down_bias, int o_group, "
+      "int gate_up_group, int down_group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {

@@ -1,0 +1,177 @@
+"""Packs for `RAGQA_QUANTIZATION=gguf`: the weights as the model's own GGUF stores them.
+
+The packaged generators come as GGUF files (Q4_K_M) and the bfloat16 folder the engine
+loads is their dequantization (`provision.convert_gguf_to_hf`). A Q4_K tensor holds, for
+every 32 weights of a row, 4-bit values q with a scale s and a minimum m (w = q * s + m,
+s and m from a 6-bit code times a float16 per 256): exactly the int4 kernel's form with
+groups of 32, its nibbles even in the kernel's order. Taken from the file, those weights
+are the model's own up to the float16 rounding of s and m (mean absolute error 2.7e-5 on
+the 1.5B's first q_proj, where requantizing its bfloat16 weights to int8 errs by 1.1e-4),
+at 0.625 bytes a weight instead of int8's 1.0625. Q8_0 and Q5_0 tensors (the 0.5B's) are
+int8 blocks of 32 with a float16 scale, the int8 kernel's form: taken as they are too.
+Other types (Q6_K: the 1.5B's vocabulary projection and half its down and v projections)
+become int8 per block of 32 from the float weights, as `int8` does.
+
+q, k and v (and gate and up) run as one stacked kernel call, which needs one form for all
+of them: where the GGUF stores them in different types, all take int8.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from generation.provision import GGUF_NAME
+
+logger = logging.getLogger(__name__)
+
+GROUP = 32  # Q4_K's sub-block: the int4 group size of these packs
+
+# transformers' Llama/Qwen2 module names -> GGUF tensor names (llama.cpp's convention).
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+_PARTS = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Types whose blocks are already an int8 or int4 kernel's form.
+_EXACT = {"Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8"}
+
+
+def find_gguf(folder: Path) -> Path | None:
+    """The GGUF a model folder was converted from: in it, or beside it (the model cache keeps
+    `<preset>/model.gguf` next to `<preset>/hf`)."""
+    for candidate in (folder / GGUF_NAME, folder.parent / GGUF_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def gguf_name(module: str) -> str | None:
+    """The GGUF tensor of a transformers projection, or None for a name it does not map."""
+    if module == "lm_head":
+        return "output.weight"
+    match = _LAYER.match(module)
+    if match is None or match.group(3) not in _PARTS:
+        return None
+    return f"blk.{match.group(1)}.{_PARTS[match.group(3)]}.weight"
+
+
+def unpack_q4_k(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K blocks of an [n, k] tensor -> (q [n, k] uint8 0..15, scales_and_zeros
+    [k/32, n, 2] float32), the int4 packs' form: w = (q - 8) * scale + zero.
+
+    A block of 256 weights is 144 bytes: float16 d and dmin, 12 bytes of 6-bit scale and
+    minimum codes for its 8 sub-blocks of 32, then 128 bytes of nibbles in which each 64
+    weights are 32 bytes, the first 32 weights in the low nibbles and the next 32 in the
+    high ones. Sub-block j: s = d * sc_j, m = -dmin * mn_j.
+    """
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 256, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    codes = blocks[:, 4:16]
+    sc = np.empty((len(blocks), 8), np.uint8)
+    mn = np.empty((len(blocks), 8), np.uint8)
+    # Sub-blocks 0-3 keep 6 bits in bytes 0-3 (scales) and 4-7 (minima); sub-blocks 4-7
+    # keep 4 bits in bytes 8-11 and their top 2 bits in the top bits of bytes 0-7.
+    sc[:, :4] = codes[:, 0:4] & 63
+    mn[:, :4] = codes[:, 4:8] & 63
+    sc[:, 4:] = (codes[:, 8:12] & 0xF) | ((codes[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (codes[:, 8:12] >> 4) | ((codes[:, 4:8] >> 6) << 4)
+    scale = torch.from_numpy(d * sc).reshape(n, k // GROUP)
+    minimum = torch.from_numpy(-dmin * mn).reshape(n, k // GROUP)
+    nibbles = torch.from_numpy(np.ascontiguousarray(blocks[:, 16:])).reshape(n, k // 64, 1, 32)
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).reshape(n, k)
+    zero = minimum + 8 * scale
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return q, scales_and_zeros
+
+
+def unpack_q8_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks (float16 d, then 32 int8 values: w = q * d) -> (int8 [n, k], float16
+    scales [n, k/32]), the int8 packs' form."""
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 32, 34)
+    d = blocks[:, 0:2].copy().view(np.float16).reshape(n, k // 32)
+    q = blocks[:, 2:].copy().view(np.int8).reshape(n, k)
+    return torch.from_numpy(q), torch.from_numpy(d)
+
+
+def unpack_q5_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q5_0 blocks -> the int8 packs' form (values -16..15, float16 scales [n, k/32]).
+
+    A block is float16 d, 4 bytes of fifth bits (bit j for weight j), 16 bytes of nibbles
+    (weights 0-15 low, 16-31 high): w = (q - 16) * d.
+    """
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 32, 22)
+    d = blocks[:, 0:2].copy().view(np.float16).reshape(n, k // 32)
+    high_bits = blocks[:, 2:6].copy().view("<u4")  # [B, 1]
+    nibbles = blocks[:, 6:22]
+    low = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=1).astype(np.int16)  # [B, 32]
+    fifth = ((high_bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
+    q = (low | (fifth << 4)) - 16
+    return torch.from_numpy(q.astype(np.int8).reshape(n, k)), torch.from_numpy(d)
+
+
+class GgufPacks:
+    """The packs a model's GGUF gives its projections (see the module's docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+
+    def type_of(self, module: str) -> str | None:
+        """The GGUF type name of a projection's weight, None where the file lacks it."""
+        name = gguf_name(module)
+        tensor = self._tensors.get(name) if name else None
+        return tensor.tensor_type.name if tensor is not None else None
+
+    def mode_of(self, module: str) -> str:
+        """ "int4" where the GGUF's Q4_K blocks serve the projection and all its stacked
+        siblings, else "int8"."""
+        parent, _, part = module.rpartition(".")
+        members = next((names for names in _SIBLINGS if part in names), (part,))
+        kinds = {self.type_of(f"{parent}.{m}" if parent else m) for m in members}
+        return "int4" if kinds == {"Q4_K"} else "int8"
+
+    def pack(
+        self,
+        module: str,
+        weight: torch.Tensor,
+        quantize_int8: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    ) -> tuple[str, dict[str, torch.Tensor]]:
+        """(mode, packs) for a projection whose float weight is [N, K].
+
+        `quantize_int8(weight) -> {"qweight", "scales"}` packs the types the file's blocks
+        cannot give as they are.
+        """
+        mode = self.mode_of(module)
+        kind = self.type_of(module)
+        n, k = weight.shape
+        if kind is not None and _EXACT.get(kind) == mode:
+            tensor = self._tensors[gguf_name(module) or ""]
+            shape = tuple(int(v) for v in tensor.shape)  # GGUF lists the row length first
+            if shape != (k, n):
+                raise ValueError(
+                    f"{self.path}: tensor {tensor.name} has shape {shape[::-1]}, but the "
+                    f"model's {module} is [{n}, {k}]: the GGUF is not this model's"
+                )
+            if kind == "Q4_K":
+                q, scales = unpack_q4_k(tensor.data, n, k)
+            elif kind == "Q8_0":
+                q, scales = unpack_q8_0(tensor.data, n, k)
+            else:
+                q, scales = unpack_q5_0(tensor.data, n, k)
+            return mode, {"qweight": q.contiguous(), "scales": scales.contiguous()}
+        return "int8", quantize_int8(weight)

@@ -1,0 +1,238 @@
+"""RAGQA_QUANTIZATION=gguf: packs read from the GGUF a model was converted from."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from generation import qmatmul
+from generation.engine import Engine
+from generation.gguf_packs import (
+    GgufPacks,
+    find_gguf,
+    gguf_name,
+    unpack_q4_k,
+    unpack_q5_0,
+    unpack_q8_0,
+)
+from generation.params import GenerationParams
+from generation.provision import pull_preset
+from generation.quant import (
+    QuantizedLinear,
+    cache_path,
+    dequantize_int4,
+    dequantize_int8_blocks,
+    quantize_model,
+)
+from tests.conftest import MODEL_DIR
+
+KERNELS = qmatmul.load()
+Q4_K, Q5_0, Q8_0 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+
+
+def q4_k_blocks(n: int, k: int, seed: int) -> np.ndarray:
+    """Random Q4_K bytes [n, k/256 * 144]: any codes and nibbles, float16 d and dmin of a
+    real model's size (a 1.5B's are ~1e-3)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // 256, 144), dtype=np.uint8)
+    for column in (0, 2):  # d, then dmin
+        values = (rng.uniform(0.5, 1.0, len(raw)) * 2e-3).astype(np.float16)
+        raw[:, column : column + 2] = values.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, k // 256 * 144)
+
+
+def test_q4_k_blocks_unpack_to_the_values_ggufs_own_dequantizer_gives():
+    raw = q4_k_blocks(6, 512, seed=1)
+    reference = torch.from_numpy(quants.dequantize(raw, Q4_K))  # [6, 512]
+    q, scales_and_zeros = unpack_q4_k(raw, 6, 512)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales_and_zeros.shape == (16, 6, 2)
+    ours = dequantize_int4(q, scales_and_zeros, 32)
+    # zero = m + 8 s in float32: the round trip moves a weight by float32 rounding only
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6 * reference.abs().max())
+    # and the int4 kernel's float16 scale and minimum keep it within 2^-11 of the weights
+    qs, sm = qmatmul.pack_int4(q, scales_and_zeros)
+    kernel_form = torch.empty(6, 512)
+    if KERNELS:
+        qmatmul.int4_dequantize(qs, sm, 32, kernel_form)
+        assert (kernel_form - reference).abs().max() <= 2**-10 * reference.abs().max()
+
+
+@pytest.mark.parametrize(("kind", "unpack"), [(Q8_0, unpack_q8_0), (Q5_0, unpack_q5_0)])
+def test_q8_0_and_q5_0_blocks_are_int8_packs_exactly(kind, unpack):
+    torch.manual_seed(0)
+    raw = quants.quantize(torch.randn(5, 256).numpy(), kind)
+    q, scales = unpack(raw, 5, 256)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (5, 8)
+    assert torch.equal(
+        dequantize_int8_blocks(q, scales), torch.from_numpy(quants.dequantize(raw, kind))
+    )
+
+
+# The tiny model's GGUF: which type each projection's weight has (None: not in the file).
+# Layer 0's v is Q8_0, so its q/k/v, stacked, all take int8; layer 1 is all Q4_K.
+TYPES = {
+    0: {"q": Q4_K, "k": Q4_K, "v": Q8_0, "o": Q4_K, "gate": Q4_K, "up": Q4_K, "down": Q5_0},
+    1: {"q": Q4_K, "k": Q4_K, "v": Q4_K, "o": Q4_K, "gate": Q4_K, "up": Q4_K, "down": Q4_K},
+}
+MODULES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
+    """A random 2-layer Llama (rows of 256 inputs: whole Q4_K blocks) whose projections hold
+    the dequantized values of folder/model.gguf, as a converted checkpoint does; lm_head is
+    not in the file."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(folder / "model.gguf"), "llama")
+    for layer, types in TYPES.items():
+        for part, kind in types.items():
+            name = f"model.layers.{layer}.{MODULES[part]}"
+            linear = model.get_submodule(name)
+            n, k = linear.weight.shape
+            if kind == Q4_K:
+                raw = q4_k_blocks(n, k, seed=layer * 10 + len(part))
+            else:
+                raw = quants.quantize((torch.randn(n, k) * 0.05).numpy(), kind)
+            linear.weight.data = torch.from_numpy(quants.dequantize(raw, kind)).float()
+            writer.add_tensor(gguf_name(name), raw, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+@pytest.mark.parametrize("prefill_weights", ["float", "quantized"])
+def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ(
+    tokenizer, tmp_path, prefill_weights
+):
+    model = gguf_model(tokenizer, tmp_path)
+    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "bias")}
+    with torch.inference_mode():
+        prompt = torch.tensor([tokenizer.encode("Copper wires carry current " * 6)])
+        float_logits = model(prompt).logits[0, -1]
+    done = quantize_model(
+        model,
+        "gguf",
+        gguf=tmp_path / "model.gguf",
+        cache=cache_path(tmp_path, "gguf", 64),
+        prefill_weights=prefill_weights,
+    )
+    assert done["mode"] == "gguf" and not done["from_cache"]
+    modes = {
+        (layer, part): (m.mode, m.group_size)
+        for layer in TYPES
+        for part, module in MODULES.items()
+        for m in [model.get_submodule(f"model.layers.{layer}.{module}")]
+    }
+    assert {p for p, mode in modes.items() if mode == ("int4", 32)} == {
+        (0, "o"),
+        (0, "gate"),
+        (0, "up"),
+        *((1, part) for part in MODULES),
+    }
+    assert modes[(0, "q")][0] == modes[(0, "v")][0] == modes[(0, "down")][0] == "int8"
+    assert model.lm_head.mode == "int8"
+    for name, weight in floats.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        if layer.mode == "int4":
+            expanded = torch.empty_like(weight)
+            qmatmul.int4_dequantize(layer.qweight, layer.scales, 32, expanded)
+            # float16 scale and minimum: within 2^-10 of the weights' range
+            assert (expanded - weight).abs().max() <= 2**-10 * weight.abs().max()
+        elif name.endswith(("v_proj", "down_proj")) and ".0." in name:  # Q8_0 and Q5_0: exact
+            assert torch.equal(dequantize_int8_blocks(layer.qweight, layer.scales), weight)
+    # A prompt longer than prefill_rows multiplies float or expanded weights: what the
+    # model's own floats give, within the packs' rounding.
+    with torch.inference_mode():
+        logits = model(prompt).logits[0, -1]
+    assert (logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()
+    assert int(logits.argmax()) == int(float_logits.argmax())
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_forward(
+    tokenizer, tmp_path
+):
+    model = gguf_model(tokenizer, tmp_path)
+    quantize_model(model, "gguf", gguf=tmp_path / "model.gguf", group_size=64)
+    engine = Engine(model, tokenizer, name="gguf")
+    assert engine.lean is not None
+    # Both layers take the C++ path, layer 0 with int8 q/k/v and down beside int4 o and MLP.
+    assert [layer.fused is not None for layer in engine.lean.layers] == [True, True]
+    prompt = tokenizer.encode("A prompt about copper wires")
+    out = engine.generate(prompt, GenerationParams(max_new_tokens=12, ignore_eos=True))
+    # transformers' generate on the same quantized model, greedy: the same tokens
+    with torch.inference_mode():
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12
+        )[0, len(prompt) :].tolist()
+    assert out.token_ids == expected
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
+    cache = cache_path(tmp_path, "gguf", 64)
+    first = gguf_model(tokenizer, tmp_path)
+    quantize_model(first, "gguf", gguf=tmp_path / "model.gguf", cache=cache)
+    assert cache.name == "ragqa-quant-gguf.safetensors" and cache.exists()
+    second = gguf_model(tokenizer, tmp_path / "other")  # the same weights (seeds), a new file
+    (tmp_path / "other" / "model.gguf").unlink()  # a read of it would fail
+    done = quantize_model(second, "gguf", gguf=tmp_path / "other" / "model.gguf", cache=cache)
+    assert done["from_cache"]
+    for (name, a), (_, b) in zip(first.named_modules(), second.named_modules(), strict=True):
+        if isinstance(a, QuantizedLinear):
+            assert (a.mode, a.group_size) == (b.mode, b.group_size), name
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
+
+
+def test_a_gguf_of_another_model_is_refused_by_name_and_shape(tokenizer, tmp_path):
+    gguf_model(tokenizer, tmp_path)
+    packs = GgufPacks(tmp_path / "model.gguf")
+    wider = torch.zeros(256, 512)
+    with pytest.raises(ValueError, match=r"blk\.1\.attn_q\.weight has shape \(256, 256\).*"):
+        packs.pack("model.layers.1.self_attn.q_proj", wider, lambda w: {})
+
+
+def test_gguf_mode_without_a_gguf_file_fails_at_load_saying_where_it_looked(tokenizer, tmp_path):
+    folder = tmp_path / "hf"
+    model = gguf_model(tokenizer, tmp_path / "elsewhere")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert find_gguf(folder) is None
+    with pytest.raises(ValueError, match=r"quantization gguf reads the GGUF .*hf/model\.gguf"):
+        Engine.load(folder, device="cpu", quantization="gguf")
+    # Beside the folder, as the model cache keeps it, it is found.
+    shutil.copy(tmp_path / "elsewhere" / "model.gguf", tmp_path / "model.gguf")
+    assert find_gguf(folder) == tmp_path / "model.gguf"
