@@ -125,7 +125,15 @@ class Engine:
         dev = choose_device(device)
         dt = choose_dtype(dev, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        asked, quantization = quantization, resolve_mode(quantization, dev)
+        gguf = find_gguf(Path(path)) if Path(path).is_dir() else None
+        asked, quantization = quantization, resolve_mode(quantization, dev, gguf is not None)
+        if quantization == "gguf" and gguf is None and dev.type == "cpu":
+            folder = Path(path)
+            raise ValueError(
+                f"quantization gguf reads the GGUF the model was converted from, as "
+                f"{folder / GGUF_NAME} or {folder.parent / GGUF_NAME}; neither exists "
+                f"(int8 and int4 need no GGUF)"
+            )
         on_kernels = dev.type == "cpu" and quantization != "none" and qmatmul.load()
         dt, prefill_dt = split_dtypes(dev, dtype, dt, on_kernels)
         narrow, stored = False, None
@@ -156,13 +164,6 @@ class Engine:
             else:
                 folder = Path(path)
                 cache = cache_path(folder, quantization, group_size) if folder.is_dir() else None
-                gguf = find_gguf(folder) if folder.is_dir() else None
-                if quantization == "gguf" and gguf is None:
-                    raise ValueError(
-                        f"quantization gguf reads the GGUF the model was converted from, as "
-                        f"{folder / GGUF_NAME} or {folder.parent / GGUF_NAME}; neither exists "
-                        f"(int8 and int4 need no GGUF)"
-                    )
                 done = quantize_model(
                     model,
                     quantization,

@@ -7,8 +7,10 @@ s and m from a 6-bit code times a float16 per 256): exactly the int4 kernel's fo
 groups of 32, its nibbles even in the kernel's order. Taken from the file, those weights
 are the model's own up to the float16 rounding of s and m (mean absolute error 2.7e-5 on
 the 1.5B's first q_proj, where requantizing its bfloat16 weights to int8 errs by 1.1e-4),
-at 0.625 bytes a weight instead of int8's 1.0625. Q8_0 and Q5_0 tensors (the 0.5B's) are
-int8 blocks of 32 with a float16 scale, the int8 kernel's form: taken as they are too.
+at 0.625 bytes a weight instead of int8's 1.0625. Q4_1 blocks (the test generator's) are
+that form exactly, float16 scale and minimum per 32 weights. Q8_0 and Q5_0 tensors (the
+0.5B's) are int8 blocks of 32 with a float16 scale, the int8 kernel's form: taken as they
+are too.
 Other types (Q6_K: the 1.5B's vocabulary projection and half its down and v projections)
 become int8 per block of 32 from the float weights, as `int8` does.
 
@@ -27,10 +29,11 @@ import numpy as np
 import torch
 
 from generation.provision import GGUF_NAME
+from generation.quant import GGUF_GROUP as GROUP
+from generation.quant import dequantize_int4, dequantize_int8_blocks
 
 logger = logging.getLogger(__name__)
 
-GROUP = 32  # Q4_K's sub-block: the int4 group size of these packs
 
 # transformers' Llama/Qwen2 module names -> GGUF tensor names (llama.cpp's convention).
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
@@ -45,7 +48,7 @@ _PARTS = {
 }
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Types whose blocks are already an int8 or int4 kernel's form.
-_EXACT = {"Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8"}
+_EXACT = {"Q4_K": "int4", "Q4_1": "int4", "Q8_0": "int8", "Q5_0": "int8"}
 
 
 def find_gguf(folder: Path) -> Path | None:
@@ -97,6 +100,22 @@ def unpack_q4_k(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Te
     return q, scales_and_zeros
 
 
+def unpack_q4_1(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 blocks of an [n, k] tensor -> the int4 packs' form, as `unpack_q4_k`.
+
+    A block of 32 weights is 20 bytes: float16 d and m, then 16 bytes whose low nibbles are
+    weights 0-15 and high nibbles 16-31: w = q * d + m, the kernel's float16 form exactly.
+    """
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // GROUP, 20)
+    d = torch.from_numpy(blocks[:, 0:2].copy().view(np.float16).astype(np.float32))
+    m = torch.from_numpy(blocks[:, 2:4].copy().view(np.float16).astype(np.float32))
+    nibbles = torch.from_numpy(np.ascontiguousarray(blocks[:, 4:]))
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=1).reshape(n, k)
+    scale, minimum = d.reshape(n, k // GROUP), m.reshape(n, k // GROUP)
+    zero = minimum + 8 * scale
+    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
 def unpack_q8_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 blocks (float16 d, then 32 int8 values: w = q * d) -> (int8 [n, k], float16
     scales [n, k/32]), the int8 packs' form."""
@@ -122,6 +141,15 @@ def unpack_q5_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(q.astype(np.int8).reshape(n, k)), torch.from_numpy(d)
 
 
+def _field(reader: object, key: str) -> object:
+    """A GGUF metadata value, or None when the file lacks it."""
+    field = reader.fields.get(key)  # type: ignore[attr-defined]
+    return field.contents() if field is not None else None
+
+
+_UNPACK = {"Q4_K": unpack_q4_k, "Q4_1": unpack_q4_1, "Q8_0": unpack_q8_0, "Q5_0": unpack_q5_0}
+
+
 class GgufPacks:
     """The packs a model's GGUF gives its projections (see the module's docstring)."""
 
@@ -129,7 +157,14 @@ class GgufPacks:
         from gguf import GGUFReader
 
         self.path = path
-        self._tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+        reader = GGUFReader(str(path))
+        self._tensors = {t.name: t for t in reader.tensors}
+        arch = _field(reader, "general.architecture")
+        # Head counts, for the row order llama.cpp gives q and k of some architectures.
+        self._heads = {
+            "q_proj": _field(reader, f"{arch}.attention.head_count"),
+            "k_proj": _field(reader, f"{arch}.attention.head_count_kv"),
+        }
 
     def type_of(self, module: str) -> str | None:
         """The GGUF type name of a projection's weight, None where the file lacks it."""
@@ -138,12 +173,12 @@ class GgufPacks:
         return tensor.tensor_type.name if tensor is not None else None
 
     def mode_of(self, module: str) -> str:
-        """ "int4" where the GGUF's Q4_K blocks serve the projection and all its stacked
+        """ "int4" where the GGUF's 4-bit blocks serve the projection and all its stacked
         siblings, else "int8"."""
         parent, _, part = module.rpartition(".")
         members = next((names for names in _SIBLINGS if part in names), (part,))
-        kinds = {self.type_of(f"{parent}.{m}" if parent else m) for m in members}
-        return "int4" if kinds == {"Q4_K"} else "int8"
+        kinds = {_EXACT.get(self.type_of(f"{parent}.{m}" if parent else m) or "") for m in members}
+        return "int4" if kinds == {"int4"} else "int8"
 
     def pack(
         self,
@@ -167,11 +202,47 @@ class GgufPacks:
                     f"{self.path}: tensor {tensor.name} has shape {shape[::-1]}, but the "
                     f"model's {module} is [{n}, {k}]: the GGUF is not this model's"
                 )
-            if kind == "Q4_K":
-                q, scales = unpack_q4_k(tensor.data, n, k)
-            elif kind == "Q8_0":
-                q, scales = unpack_q8_0(tensor.data, n, k)
-            else:
-                q, scales = unpack_q5_0(tensor.data, n, k)
-            return mode, {"qweight": q.contiguous(), "scales": scales.contiguous()}
+            q, scales = _UNPACK[kind](tensor.data, n, k)
+            packs = self._in_model_order(module, mode, q, scales, weight)
+            if packs is not None:
+                return mode, packs
+            logger.warning(
+                "%s: %s does not hold the values of the model's %s in any row order known "
+                "here; packing that projection as int8 from the model's weights",
+                self.path,
+                tensor.name,
+                module,
+            )
         return "int8", quantize_int8(weight)
+
+    def _in_model_order(
+        self, module: str, mode: str, q: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The packs with their rows in the model's order, checked against its weight [N, K].
+
+        llama.cpp's converter reorders the rows of q and k for Llama-architecture models
+        (each head's two rotary halves interleaved), which transformers undoes on loading;
+        the blocks run along rows, so the same reordering of whole rows undoes it here.
+        None when no order gives the model's values.
+        """
+        n = weight.shape[0]
+        orders: list[torch.Tensor | None] = [None]
+        heads = self._heads.get(module.rpartition(".")[2])
+        if isinstance(heads, int) and heads > 0 and n % (2 * heads) == 0:
+            # GGUF row r holds the model's row interleaved[r]: the inverse puts them back.
+            interleaved = torch.arange(n).reshape(heads, 2, n // heads // 2).transpose(1, 2)
+            orders.append(torch.argsort(interleaved.reshape(n)))
+        row_dim = 1 if mode == "int4" else 0  # int4 scales are [K/32, N, 2]
+        reference = weight.float()
+        for order in orders:
+            qo = q if order is None else q[order]
+            so = scales if order is None else scales.index_select(row_dim, order)
+            if mode == "int4":
+                values = dequantize_int4(qo, so, GROUP)
+            else:
+                values = dequantize_int8_blocks(qo, so)
+            # Taken as they are, the packs differ from the checkpoint by its bfloat16 rounding
+            # (about 1e-3 of the weights' mean magnitude); rows out of order, by about 1x.
+            if (values - reference).abs().mean() <= 0.01 * reference.abs().mean():
+                return {"qweight": qo.contiguous(), "scales": so.contiguous()}
+        return None

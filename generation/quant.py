@@ -32,8 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from generation import gguf_packs, qmatmul
-from generation.gguf_packs import GgufPacks
+from generation import qmatmul
 from generation.memory import available_memory, release_mapped_pages, return_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -41,24 +40,27 @@ logger = logging.getLogger(__name__)
 # "gguf": int4 where the model's GGUF stores Q4_K blocks, int8 elsewhere (gguf_packs.py).
 MODES = ("none", "int8", "int4", "gguf")
 PREFILL_WEIGHTS = ("auto", "float", "quantized")
+GGUF_GROUP = 32  # the int4 group of gguf packs: Q4_K's sub-block, Q4_1's block
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """The mode to load with: "auto" is int8 on a CPU where ragqa's kernels build, else none.
+def resolve_mode(mode: str, device: torch.device, has_gguf: bool = False) -> str:
+    """The mode to load with. "auto", on a CPU where ragqa's kernels build: gguf when the
+    model's GGUF is at hand (`has_gguf`), else int8; elsewhere none.
 
-    int8 because it kept answers within the eval's bar where int4 did not (README,
-    "Measured results"); none where the kernels are missing, because torch's int8 kernel
-    decodes slower than float weights on CPUs without AVX-512, and on a GPU, where the
-    packed kernels do not run.
+    gguf because it decodes fastest and its weights are the model's own where int8 rounds
+    them (gguf_packs.py); it kept the eval's answers as int8 did, where int4 did not
+    (README, "Measured results"). none where the kernels are missing, because torch's int8
+    kernel decodes slower than float weights on CPUs without AVX-512, and on a GPU, where
+    the packed kernels do not run.
     """
     if mode not in SETTING_MODES:
         raise ValueError(f"quantization must be one of {SETTING_MODES}, got {mode!r}")
     if mode != "auto":
         return mode
     if device.type == "cpu" and qmatmul.load():
-        return "int8"
+        return "gguf" if has_gguf else "int8"
     return "none"
 
 
@@ -601,7 +603,11 @@ def quantize_model(
     narrow_kept: set[int] = set()  # prefill weights kept in prefill_dtype: never widened
     targets = _targets(model)
     from_cache = _cache_complete(cache, [name for name, _ in targets])
-    from_gguf = GgufPacks(gguf) if mode == "gguf" and gguf is not None and not from_cache else None
+    from_gguf = None
+    if mode == "gguf" and gguf is not None and not from_cache:
+        from generation.gguf_packs import GgufPacks  # it builds on this module's quantizers
+
+        from_gguf = GgufPacks(gguf)
     to_save: dict[str, torch.Tensor] = {}
     # Packs are read one at a time with pread into memory of their own, not through a
     # mapping of the file: a mapping stays resident until its last tensor dies, so packs
@@ -633,7 +639,7 @@ def quantize_model(
             quantized = QuantizedLinear(
                 linear,
                 layer_mode,
-                group_size=gguf_packs.GROUP if mode == "gguf" else group_size,
+                group_size=GGUF_GROUP if mode == "gguf" else group_size,
                 prefill_rows=prefill_rows,
                 packed=packed,
                 dtype=dtype,

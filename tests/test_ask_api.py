@@ -71,11 +71,12 @@ def ask(server, **body):
     return httpx.post(f"{server.url}/v1/ask", json=body, timeout=120)
 
 
-def test_default_service_decodes_with_int8_weights_where_the_kernels_build(server):
-    # The fixture leaves RAGQA_QUANTIZATION at its default (auto).
+def test_default_service_decodes_with_its_ggufs_packs_where_the_kernels_build(server):
+    # The fixture leaves RAGQA_QUANTIZATION at its default (auto); the preset's GGUF lies
+    # beside its folder in the model cache.
     assert server.settings.quantization == "auto"
     detail = httpx.get(f"{server.url}/healthz").json()["generator"]["detail"]
-    expected = "int8" if qmatmul.load() else "none"
+    expected = "gguf" if qmatmul.load() else "none"
     assert f"quantization {expected}, prefill from float weights in " in detail, detail
 
 

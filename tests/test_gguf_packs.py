@@ -15,6 +15,7 @@ from generation.gguf_packs import (
     GgufPacks,
     find_gguf,
     gguf_name,
+    unpack_q4_1,
     unpack_q4_k,
     unpack_q5_0,
     unpack_q8_0,
@@ -31,7 +32,8 @@ from generation.quant import (
 from tests.conftest import MODEL_DIR
 
 KERNELS = qmatmul.load()
-Q4_K, Q5_0, Q8_0 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0
+Q4_K, Q4_1 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1
+Q5_0, Q8_0 = GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,18 @@ def test_q4_k_blocks_unpack_to_the_values_ggufs_own_dequantizer_gives():
     if KERNELS:
         qmatmul.int4_dequantize(qs, sm, 32, kernel_form)
         assert (kernel_form - reference).abs().max() <= 2**-10 * reference.abs().max()
+
+
+def test_q4_1_blocks_are_int4_packs_of_group_32_exactly():
+    torch.manual_seed(0)
+    raw = quants.quantize((torch.randn(5, 256) * 0.05).numpy(), Q4_1)
+    q, scales_and_zeros = unpack_q4_1(raw, 5, 256)
+    reference = torch.from_numpy(quants.dequantize(raw, Q4_1))
+    torch.testing.assert_close(
+        dequantize_int4(q, scales_and_zeros, 32), reference, rtol=0, atol=1e-7
+    )
+    _, sm = qmatmul.pack_int4(q, scales_and_zeros)  # float16 d and m, as the file has them
+    assert torch.equal(sm[0, 0, 0], torch.from_numpy(raw[0, 0:2].copy().view(np.float16))[0])
 
 
 @pytest.mark.parametrize(("kind", "unpack"), [(Q8_0, unpack_q8_0), (Q5_0, unpack_q5_0)])
@@ -112,6 +126,8 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(folder / "model.gguf"), "llama")
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
     for layer, types in TYPES.items():
         for part, kind in types.items():
             name = f"model.layers.{layer}.{MODULES[part]}"
@@ -121,7 +137,13 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
                 raw = q4_k_blocks(n, k, seed=layer * 10 + len(part))
             else:
                 raw = quants.quantize((torch.randn(n, k) * 0.05).numpy(), kind)
-            linear.weight.data = torch.from_numpy(quants.dequantize(raw, kind)).float()
+            values = torch.from_numpy(quants.dequantize(raw, kind)).float()
+            if part in ("q", "k"):
+                # llama.cpp stores a Llama's q and k rows with each head's rotary halves
+                # interleaved; the model's rows are transformers' undoing of that.
+                heads = 4 if part == "q" else 2
+                values = values.reshape(heads, n // heads // 2, 2, k).transpose(1, 2).reshape(n, k)
+            linear.weight.data = values
             writer.add_tensor(gguf_name(name), raw, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -217,6 +239,20 @@ def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
             assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
 
 
+def test_a_tensor_whose_values_are_not_the_models_is_packed_from_the_models_weights(
+    tokenizer, tmp_path, caplog
+):
+    model = gguf_model(tokenizer, tmp_path)
+    packs = GgufPacks(tmp_path / "model.gguf")
+    name = "model.layers.1.mlp.up_proj"
+    other = torch.randn(256, 256) * 0.05  # not what the file holds
+    mode, packed = packs.pack(name, other, lambda w: {"qweight": w})
+    assert mode == "int8" and packed["qweight"] is other
+    assert "blk.1.ffn_up.weight does not hold the values of the model's" in caplog.text
+    mode, _ = packs.pack(name, model.get_submodule(name).weight, lambda w: {})
+    assert mode == "int4"
+
+
 def test_a_gguf_of_another_model_is_refused_by_name_and_shape(tokenizer, tmp_path):
     gguf_model(tokenizer, tmp_path)
     packs = GgufPacks(tmp_path / "model.gguf")
@@ -225,7 +261,9 @@ def test_a_gguf_of_another_model_is_refused_by_name_and_shape(tokenizer, tmp_pat
         packs.pack("model.layers.1.self_attn.q_proj", wider, lambda w: {})
 
 
-def test_gguf_mode_without_a_gguf_file_fails_at_load_saying_where_it_looked(tokenizer, tmp_path):
+def test_gguf_mode_without_a_gguf_fails_at_load_saying_where_it_looked_and_auto_takes_one(
+    tokenizer, tmp_path
+):
     folder = tmp_path / "hf"
     model = gguf_model(tokenizer, tmp_path / "elsewhere")
     model.save_pretrained(folder)
@@ -233,6 +271,10 @@ def test_gguf_mode_without_a_gguf_file_fails_at_load_saying_where_it_looked(toke
     assert find_gguf(folder) is None
     with pytest.raises(ValueError, match=r"quantization gguf reads the GGUF .*hf/model\.gguf"):
         Engine.load(folder, device="cpu", quantization="gguf")
-    # Beside the folder, as the model cache keeps it, it is found.
+    # Beside the folder, as the model cache keeps it, it is found, and "auto" takes it.
     shutil.copy(tmp_path / "elsewhere" / "model.gguf", tmp_path / "model.gguf")
     assert find_gguf(folder) == tmp_path / "model.gguf"
+    if KERNELS:
+        engine, report = Engine.load(folder, device="cpu", quantization="auto")
+        assert report.quantization == "gguf"
+        assert engine.model.get_submodule("model.layers.1.mlp.down_proj").mode == "int4"

@@ -212,11 +212,15 @@ def test_quantizing_by_row_chunks_gives_the_same_packs_as_the_whole_weight(mode)
 
 
 def test_unknown_quantization_mode_names_the_choices():
-    with pytest.raises(ValueError, match=r"quantization must be one of \('none', 'int8', 'int4'\)"):
+    with pytest.raises(
+        ValueError, match=r"quantization must be one of \('none', 'int8', 'int4', 'gguf'\)"
+    ):
         quantize_model(nn.Sequential(), "int3")
 
 
-def test_auto_quantization_is_int8_on_a_cpu_where_the_kernels_build(tiny_bf16_model_dir):
+def test_auto_quantization_is_int8_on_a_cpu_where_the_kernels_build_and_no_gguf_is_at_hand(
+    tiny_bf16_model_dir,
+):
     from generation import qmatmul
 
     if not qmatmul.load():
@@ -234,7 +238,12 @@ def test_auto_quantization_keeps_float_weights_without_the_kernels_or_off_the_cp
     monkeypatch.setattr(qmatmul, "load", lambda: True)
     assert resolve_mode("auto", torch.device("cuda")) == "none"
     assert resolve_mode("int4", torch.device("cpu")) == "int4"  # an explicit mode is kept
-    with pytest.raises(ValueError, match=r"one of \('auto', 'none', 'int8', 'int4'\), got 'fast'"):
+    assert resolve_mode("auto", torch.device("cpu")) == "int8"  # no GGUF at hand
+    assert resolve_mode("auto", torch.device("cpu"), has_gguf=True) == "gguf"
+    assert resolve_mode("auto", torch.device("cuda"), has_gguf=True) == "none"
+    with pytest.raises(
+        ValueError, match=r"one of \('auto', 'none', 'int8', 'int4', 'gguf'\), got 'fast'"
+    ):
         resolve_mode("fast", torch.device("cpu"))
 
 
