@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     )
     quantization: Literal["auto", "none", "int8", "int4", "gguf"] = Field(
         "auto",
-        description="Weight-only quantization of the generator on CPU; auto is int8 where "
-        "ragqa's CPU kernels build, none elsewhere (GPUs included); gguf takes the 4-bit "
-        "blocks of the GGUF the model was converted from as they are and int8 elsewhere.",
+        description="Weight-only quantization of the generator on CPU; gguf takes the 4-bit "
+        "blocks of the GGUF the model was converted from as they are and int8 elsewhere; "
+        "auto is gguf where ragqa's CPU kernels build and that GGUF is at hand, int8 where "
+        "it is not, none without the kernels (GPUs included).",
     )
     quant_group_size: int = Field(
         64, ge=16, le=1024, description="int4 group size (gguf's 4-bit blocks are 32)."
