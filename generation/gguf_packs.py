@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generation import qmatmul
 from generation.provision import GGUF_NAME
 from generation.quant import GGUF_GROUP as GROUP
 from generation.quant import dequantize_int4, dequantize_int8_blocks
@@ -194,24 +195,29 @@ class GgufPacks:
         mode = self.mode_of(module)
         kind = self.type_of(module)
         n, k = weight.shape
+        if mode == "int4" and not qmatmul.supports_int4(k, GROUP):
+            mode = "int8"  # the int4 kernel reads blocks in pairs: rows of 64k inputs
         if kind is not None and _EXACT.get(kind) == mode:
             tensor = self._tensors[gguf_name(module) or ""]
-            shape = tuple(int(v) for v in tensor.shape)  # GGUF lists the row length first
-            if shape != (k, n):
-                raise ValueError(
-                    f"{self.path}: tensor {tensor.name} has shape {shape[::-1]}, but the "
-                    f"model's {module} is [{n}, {k}]: the GGUF is not this model's"
-                )
-            q, scales = _UNPACK[kind](tensor.data, n, k)
-            packs = self._in_model_order(module, mode, q, scales, weight)
+            shape = tuple(int(v) for v in tensor.shape)[::-1]  # GGUF lists the row length first
+            packs = None
+            if shape == (n, k):
+                q, scales = _UNPACK[kind](tensor.data, n, k)
+                packs = self._in_model_order(module, mode, q, scales, weight)
             if packs is not None:
                 return mode, packs
+            # Another model's GGUF, or rows in an order not known here: the model's own
+            # weights are the truth.
             logger.warning(
-                "%s: %s does not hold the values of the model's %s in any row order known "
-                "here; packing that projection as int8 from the model's weights",
+                "%s: %s (%s, shape %s) does not hold the values of the model's %s [%d, %d]; "
+                "packing that projection as int8 from the model's weights",
                 self.path,
                 tensor.name,
+                kind,
+                list(shape),
                 module,
+                n,
+                k,
             )
         return "int8", quantize_int8(weight)
 

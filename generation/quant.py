@@ -37,7 +37,7 @@ from generation.memory import available_memory, release_mapped_pages, return_fre
 
 logger = logging.getLogger(__name__)
 
-# "gguf": int4 where the model's GGUF stores Q4_K blocks, int8 elsewhere (gguf_packs.py).
+# "gguf": int4 where the model's GGUF stores 4-bit blocks, int8 elsewhere (gguf_packs.py).
 MODES = ("none", "int8", "int4", "gguf")
 PREFILL_WEIGHTS = ("auto", "float", "quantized")
 GGUF_GROUP = 32  # the int4 group of gguf packs: Q4_K's sub-block, Q4_1's block
@@ -619,11 +619,10 @@ def quantize_model(
         else contextlib.nullcontext()
     ) as stored:
         for index, (name, linear) in enumerate(targets):
-            layer_mode = mode
             if stored is not None:
                 packed = {key: stored.get_tensor(f"{name}.{key}") for key in ("qweight", "scales")}
             elif from_gguf is not None:
-                layer_mode, packed = from_gguf.pack(
+                _, packed = from_gguf.pack(
                     name,
                     linear.weight.detach(),
                     lambda w: QuantizedLinear.quantize(w, "int8", group_size),
@@ -633,7 +632,8 @@ def quantize_model(
             if stored is None:
                 to_save[f"{name}.qweight"] = packed["qweight"]
                 to_save[f"{name}.scales"] = packed["scales"]
-            if mode == "gguf":  # int4 packs hold values 0..15 as uint8, int8 ones int8
+            layer_mode = mode
+            if mode == "gguf":  # per layer, from the cache too: int4 packs hold 0..15 as uint8
                 layer_mode = "int4" if packed["qweight"].dtype == torch.uint8 else "int8"
             # Packed from the narrow values if the model was loaded narrow: the same packs.
             quantized = QuantizedLinear(

@@ -248,17 +248,21 @@ def test_a_tensor_whose_values_are_not_the_models_is_packed_from_the_models_weig
     other = torch.randn(256, 256) * 0.05  # not what the file holds
     mode, packed = packs.pack(name, other, lambda w: {"qweight": w})
     assert mode == "int8" and packed["qweight"] is other
-    assert "blk.1.ffn_up.weight does not hold the values of the model's" in caplog.text
+    assert "blk.1.ffn_up.weight (Q4_K, shape [256, 256]) does not hold the values" in caplog.text
     mode, _ = packs.pack(name, model.get_submodule(name).weight, lambda w: {})
     assert mode == "int4"
 
 
-def test_a_gguf_of_another_model_is_refused_by_name_and_shape(tokenizer, tmp_path):
+def test_a_gguf_of_another_model_leaves_the_projection_to_int8_from_the_models_weights(
+    tokenizer, tmp_path, caplog
+):
     gguf_model(tokenizer, tmp_path)
     packs = GgufPacks(tmp_path / "model.gguf")
-    wider = torch.zeros(256, 512)
-    with pytest.raises(ValueError, match=r"blk\.1\.attn_q\.weight has shape \(256, 256\).*"):
-        packs.pack("model.layers.1.self_attn.q_proj", wider, lambda w: {})
+    wider = torch.randn(256, 512)
+    mode, packed = packs.pack("model.layers.1.self_attn.q_proj", wider, lambda w: {"qweight": w})
+    assert mode == "int8" and packed["qweight"] is wider
+    assert "blk.1.attn_q.weight (Q4_K, shape [256, 256]) does not hold the values" in caplog.text
+    assert "self_attn.q_proj [256, 512]" in caplog.text
 
 
 def test_gguf_mode_without_a_gguf_fails_at_load_saying_where_it_looked_and_auto_takes_one(
@@ -278,3 +282,19 @@ def test_gguf_mode_without_a_gguf_fails_at_load_saying_where_it_looked_and_auto_
         engine, report = Engine.load(folder, device="cpu", quantization="auto")
         assert report.quantization == "gguf"
         assert engine.model.get_submodule("model.layers.1.mlp.down_proj").mode == "int4"
+
+
+def test_4_bit_rows_the_int4_kernel_cannot_read_in_pairs_of_blocks_take_int8(tmp_path):
+    torch.manual_seed(0)
+    raw = quants.quantize((torch.randn(8, 96) * 0.05).numpy(), Q4_1)  # 3 blocks a row
+    writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    weight = torch.from_numpy(quants.dequantize(raw, Q4_1))
+    packs = GgufPacks(tmp_path / "model.gguf")
+    assert packs.mode_of("model.layers.0.mlp.down_proj") == "int4"  # what the file holds
+    mode, packed = packs.pack("model.layers.0.mlp.down_proj", weight, lambda w: {"from": w})
+    assert mode == "int8" and packed["from"] is weight
