@@ -30,10 +30,12 @@ from generation.prefix_cache import PrefixCache
 from generation.provision import GGUF_NAME
 from generation.quant import (
     cache_path,
+    checkpoint_files,
     checkpoint_weights,
     choose_prefill_weights,
     quantize_model,
     resolve_mode,
+    source_fingerprint,
 )
 from generation.sampling import sample
 from generation.stream import StreamDecoder
@@ -163,7 +165,14 @@ class Engine:
                 quantization = "none"
             else:
                 folder = Path(path)
-                cache = cache_path(folder, quantization, group_size) if folder.is_dir() else None
+                cache: Path | None = None
+                source: str | None = None
+                if folder.is_dir():
+                    cache = cache_path(folder, quantization, group_size)
+                    packed_from = checkpoint_files(folder)
+                    if quantization == "gguf" and gguf is not None:
+                        packed_from.append(gguf)
+                    source = source_fingerprint(packed_from)
                 done = quantize_model(
                     model,
                     quantization,
@@ -173,6 +182,7 @@ class Engine:
                     dtype=dt if narrow else None,
                     prefill_dtype=prefill_dt if prefill_dt != dt else None,
                     gguf=gguf,
+                    source=source,
                 )
                 prefill_weights = str(done["prefill_weights"])
                 moved = hugepages.move_packs(model)

@@ -467,21 +467,58 @@ def cache_path(folder: Path, mode: str, group_size: int) -> Path:
 
 
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SOURCE_KEY = "ragqa_source"  # the cache's metadata entry naming the files it was packed from
 
 
-def _cache_complete(cache: Path | None, names: list[str]) -> bool:
-    """Whether `cache` holds the packs of every layer in `names` (else: quantize afresh).
+def source_fingerprint(files: list[Path]) -> str:
+    """Name, size and modification time of each file a cache is packed from.
 
-    A file without every layer's packs (another model's) or one that cannot be read is
-    written anew rather than trusted.
+    A cache whose fingerprint differs was packed from other weights (a model provisioned
+    anew into the same folder, another GGUF beside it) and is not read. Sizes and times,
+    not a hash of the contents: hashing the 1.5B's 3.1 GB checkpoint would add seconds to
+    every load, which the cache is there to save; a copy of the folder (new times) only
+    costs one quantization.
+    """
+    parts = []
+    for file in sorted(files):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(parts)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, without ragqa's caches beside them."""
+    return [
+        file
+        for file in sorted(Path(folder).glob("*.safetensors"))
+        if not file.name.startswith("ragqa-quant-")
+    ]
+
+
+def _cache_complete(cache: Path | None, names: list[str], source: str | None) -> bool:
+    """Whether `cache` holds the packs of every layer in `names`, packed from `source`
+    (`source_fingerprint`; None: not checked), else quantize afresh.
+
+    A file without every layer's packs (another model's), one packed from other files
+    (or written before caches named their source) or one that cannot be read is written
+    anew rather than trusted.
     """
     if cache is None or not cache.exists():
         return False
     try:
         with safe_open(str(cache), framework="pt") as f:
             keys = set(f.keys())
+            written_from = (f.metadata() or {}).get(SOURCE_KEY)
     except Exception as exc:  # safetensors raises its own error type for a bad header
         logger.warning("quantized cache %s unreadable (%s); quantizing afresh", cache, exc)
+        return False
+    if source is not None and written_from != source:
+        logger.warning(
+            "quantized cache %s was packed from %s, not from %s; quantizing afresh",
+            cache,
+            written_from or "files it does not name",
+            source,
+        )
         return False
     if all(f"{n}.{key}" in keys for n in names for key in ("qweight", "scales")):
         return True
@@ -495,9 +532,7 @@ def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
     the embeddings and lm_head hold (what `quantize_model` would keep float copies of)."""
     found: set[str] = set()
     matrix_values = 0
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        if file.name.startswith("ragqa-quant-"):  # our own cache beside the checkpoint
-            continue
+    for file in checkpoint_files(folder):
         with safe_open(str(file), framework="pt") as f:
             names = f.keys()
             for name in names:
@@ -554,6 +589,7 @@ def quantize_model(
     dtype: torch.dtype | None = None,
     prefill_dtype: torch.dtype | None = None,
     gguf: Path | None = None,
+    source: str | None = None,
 ) -> dict[str, object]:
     """Replace every nn.Linear (lm_head included) in place; returns what was done.
 
@@ -567,6 +603,8 @@ def quantize_model(
     `prefill_dtype` (bfloat16 in a float32 model: `device.split_dtypes`), the float weights
     kept for prefill are kept in that dtype, as loaded when the checkpoint stores it.
     Mode "gguf" reads the packs it can from `gguf`, the file the model was converted from.
+    `source` (`source_fingerprint` of the files the weights come from) is written into the
+    cache, and a cache that names other files is not read.
     """
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, got {mode!r}")
@@ -602,7 +640,7 @@ def quantize_model(
     dropped = fused = 0
     narrow_kept: set[int] = set()  # prefill weights kept in prefill_dtype: never widened
     targets = _targets(model)
-    from_cache = _cache_complete(cache, [name for name, _ in targets])
+    from_cache = _cache_complete(cache, [name for name, _ in targets], source)
     from_gguf = None
     if mode == "gguf" and gguf is not None and not from_cache:
         from generation.gguf_packs import GgufPacks  # it builds on this module's quantizers
@@ -683,7 +721,7 @@ def quantize_model(
                 fused += fuse_module(parent)
     if cache is not None and to_save:
         tmp = cache.with_name(cache.name + ".tmp")
-        save_file(to_save, str(tmp))
+        save_file(to_save, str(tmp), metadata={SOURCE_KEY: source} if source else None)
         tmp.replace(cache)
     to_save.clear()  # before the trim: the fused members' own packs (0.9 GB on the 1.5B)
     if dtype is not None:

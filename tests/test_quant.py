@@ -1,10 +1,14 @@
 """Weight-only quantization: kernels against a float reference, engine output, weight cache."""
 
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -15,6 +19,7 @@ from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import (
+    SOURCE_KEY,
     QuantizedLinear,
     cache_path,
     choose_prefill_weights,
@@ -186,6 +191,49 @@ def test_an_incomplete_or_unreadable_cache_is_quantized_afresh_and_rewritten(
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(x).logits, reference(x).logits)
     assert torch.equal(again(x).logits, reference(x).logits)
+
+
+def test_a_cache_that_names_no_source_or_another_is_quantized_afresh(tiny_bf16_model_dir):
+    cache = cache_path(tiny_bf16_model_dir, "int8", 64)
+    cache.unlink(missing_ok=True)
+    quantize_model(LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir), "int8", cache=cache)
+    with safe_open(str(cache), framework="pt") as f:  # as caches were written before sources
+        assert SOURCE_KEY not in (f.metadata() or {})
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(model, "int8", cache=cache, source="a")["from_cache"] is False
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(model, "int8", cache=cache, source="a")["from_cache"] is True
+    model = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    assert quantize_model(model, "int8", cache=cache, source="b")["from_cache"] is False
+
+
+def test_a_checkpoint_replaced_by_other_weights_is_quantized_afresh_not_read_from_the_cache(
+    kernels, tiny_bf16_model_dir, tmp_path, caplog
+):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bf16_model_dir, folder, ignore=shutil.ignore_patterns("ragqa-quant-*"))
+    Engine.load(folder, dtype="bfloat16", quantization="int8")
+    cache = cache_path(folder, "int8", 64)
+    with safe_open(str(cache), framework="pt") as f:
+        assert f.metadata()[SOURCE_KEY].startswith("model.safetensors:")
+    # The folder provisioned anew: other weights of the same shapes, in a new file.
+    torch.manual_seed(1)
+    config = LlamaConfig.from_pretrained(folder)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "new")
+    os.replace(tmp_path / "new" / "model.safetensors", folder / "model.safetensors")
+    caplog.set_level(logging.WARNING, logger="generation.quant")
+    engine, _ = Engine.load(folder, dtype="bfloat16", quantization="int8")
+    assert "was packed from" in caplog.text
+    expected = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    quantize_model(expected, "int8")
+    compared = 0
+    for (name, a), (_, b) in zip(
+        engine.model.named_modules(), expected.named_modules(), strict=True
+    ):
+        if isinstance(a, QuantizedLinear):
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), name
+            compared += 1
+    assert compared == 2 * 7 + 1  # every projection of both layers, and the vocabulary's
 
 
 def test_fusing_a_module_twice_keeps_its_first_group(kernels, tiny_bf16_model_dir):
