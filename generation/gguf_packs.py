@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from generation import qmatmul
+from generation.gguf_file import GgufFile
 from generation.provision import GGUF_NAME
 from generation.quant import GGUF_GROUP as GROUP
 from generation.quant import dequantize_int4, dequantize_int8_blocks
@@ -50,6 +51,7 @@ _PARTS = {
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # Types whose blocks are already an int8 or int4 kernel's form.
 _EXACT = {"Q4_K": "int4", "Q4_1": "int4", "Q8_0": "int8", "Q5_0": "int8"}
+SAMPLE_ROWS = 256  # rows of each tensor checked against the model's weights
 
 
 def find_gguf(folder: Path) -> Path | None:
@@ -134,18 +136,12 @@ def unpack_q5_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Te
     """
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 32, 22)
     d = blocks[:, 0:2].copy().view(np.float16).reshape(n, k // 32)
-    high_bits = blocks[:, 2:6].copy().view("<u4")  # [B, 1]
+    # Byte by byte, in uint8: a little-endian uint32's bit j is bit j % 8 of byte j // 8.
+    fifth = np.unpackbits(blocks[:, 2:6], axis=1, bitorder="little")  # [B, 32] 0/1
     nibbles = blocks[:, 6:22]
-    low = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=1).astype(np.int16)  # [B, 32]
-    fifth = ((high_bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
-    q = (low | (fifth << 4)) - 16
-    return torch.from_numpy(q.astype(np.int8).reshape(n, k)), torch.from_numpy(d)
-
-
-def _field(reader: object, key: str) -> object:
-    """A GGUF metadata value, or None when the file lacks it."""
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    return field.contents() if field is not None else None
+    q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=1) | (fifth << 4)  # [B, 32] 0..31
+    q = q.view(np.int8) - np.int8(16)
+    return torch.from_numpy(q.reshape(n, k)), torch.from_numpy(d)
 
 
 _UNPACK = {"Q4_K": unpack_q4_k, "Q4_1": unpack_q4_1, "Q8_0": unpack_q8_0, "Q5_0": unpack_q5_0}
@@ -155,23 +151,21 @@ class GgufPacks:
     """The packs a model's GGUF gives its projections (see the module's docstring)."""
 
     def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader
-
         self.path = path
-        reader = GGUFReader(str(path))
-        self._tensors = {t.name: t for t in reader.tensors}
-        arch = _field(reader, "general.architecture")
+        gguf = GgufFile(path)
+        self._tensors = gguf.tensors
+        arch = gguf.fields.get("general.architecture")
         # Head counts, for the row order llama.cpp gives q and k of some architectures.
         self._heads = {
-            "q_proj": _field(reader, f"{arch}.attention.head_count"),
-            "k_proj": _field(reader, f"{arch}.attention.head_count_kv"),
+            "q_proj": gguf.fields.get(f"{arch}.attention.head_count"),
+            "k_proj": gguf.fields.get(f"{arch}.attention.head_count_kv"),
         }
 
     def type_of(self, module: str) -> str | None:
         """The GGUF type name of a projection's weight, None where the file lacks it."""
         name = gguf_name(module)
         tensor = self._tensors.get(name) if name else None
-        return tensor.tensor_type.name if tensor is not None else None
+        return tensor.type_name if tensor is not None else None
 
     def mode_of(self, module: str) -> str:
         """ "int4" where the GGUF's 4-bit blocks serve the projection and all its stacked
@@ -199,7 +193,7 @@ class GgufPacks:
             mode = "int8"  # the int4 kernel reads blocks in pairs: rows of 64k inputs
         if kind is not None and _EXACT.get(kind) == mode:
             tensor = self._tensors[gguf_name(module) or ""]
-            shape = tuple(int(v) for v in tensor.shape)[::-1]  # GGUF lists the row length first
+            shape = tensor.shape
             packs = None
             if shape == (n, k):
                 q, scales = _UNPACK[kind](tensor.data, n, k)
@@ -239,16 +233,26 @@ class GgufPacks:
             interleaved = torch.arange(n).reshape(heads, 2, n // heads // 2).transpose(1, 2)
             orders.append(torch.argsort(interleaved.reshape(n)))
         row_dim = 1 if mode == "int4" else 0  # int4 scales are [K/32, N, 2]
-        reference = weight.float()
+        # Rows spread over the whole tensor, every head's among them: another model's values
+        # differ in every row and a wrong order moves all but a few rows of each head, so a
+        # sample tells them apart as the whole did, for a fraction of the dequantization
+        # (the whole took most of the 1.5B's first load after the file's parsing).
+        sample = torch.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().long().unique()
+        reference = weight[sample].float()
         for order in orders:
-            qo = q if order is None else q[order]
-            so = scales if order is None else scales.index_select(row_dim, order)
+            rows = sample if order is None else order[sample]
+            qs, ss = q[rows], scales.index_select(row_dim, rows)
             if mode == "int4":
-                values = dequantize_int4(qo, so, GROUP)
+                values = dequantize_int4(qs, ss, GROUP)
             else:
-                values = dequantize_int8_blocks(qo, so)
+                values = dequantize_int8_blocks(qs, ss)
             # Taken as they are, the packs differ from the checkpoint by its bfloat16 rounding
             # (about 1e-3 of the weights' mean magnitude); rows out of order, by about 1x.
             if (values - reference).abs().mean() <= 0.01 * reference.abs().mean():
-                return {"qweight": qo.contiguous(), "scales": so.contiguous()}
+                if order is None:
+                    return {"qweight": q.contiguous(), "scales": scales.contiguous()}
+                return {
+                    "qweight": q[order].contiguous(),
+                    "scales": scales.index_select(row_dim, order).contiguous(),
+                }
         return None

@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from generation import qmatmul
+from generation import gguf_packs, qmatmul
 from generation.engine import Engine
+from generation.gguf_file import GgufFile
 from generation.gguf_packs import (
     GgufPacks,
     find_gguf,
@@ -298,3 +299,89 @@ def test_4_bit_rows_the_int4_kernel_cannot_read_in_pairs_of_blocks_take_int8(tmp
     assert packs.mode_of("model.layers.0.mlp.down_proj") == "int4"  # what the file holds
     mode, packed = packs.pack("model.layers.0.mlp.down_proj", weight, lambda w: {"from": w})
     assert mode == "int8" and packed["from"] is weight
+
+
+def test_the_gguf_file_reader_gives_the_scalars_and_tensors_ggufs_own_reader_gives(tmp_path):
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "qwen2")
+    writer.add_custom_alignment(64)
+    writer.add_head_count(12)
+    writer.add_float32("qwen2.rope.freq_base", 1e6)
+    writer.add_bool("tokenizer.ggml.add_bos_token", False)
+    writer.add_int64("general.some_count", -5)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "Ġ你好", ""] * 500)
+    writer.add_array("tokenizer.ggml.token_type", [1, 2, 3] * 100)
+    writer.add_string("general.name", "tiny")
+    raw = {
+        "blk.0.attn_q.weight": q4_k_blocks(4, 256, seed=1),
+        "blk.0.ffn_down.weight": quants.quantize(np.random.randn(3, 64).astype(np.float32), Q8_0),
+        "output_norm.weight": np.random.randn(96).astype(np.float32),
+    }
+    for name, data in raw.items():
+        kind = None if data.dtype == np.float32 else (Q4_K if "attn_q" in name else Q8_0)
+        writer.add_tensor(name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = GgufFile(path)
+    theirs = GGUFReader(str(path))
+    scalars = {
+        key: field.contents()
+        for key, field in theirs.fields.items()
+        if not key.startswith("GGUF.") and field.types[0] != GGUFValueType.ARRAY
+    }
+    assert ours.fields == pytest.approx(scalars)
+    assert ours.fields["general.alignment"] == 64 and "tokenizer.ggml.tokens" not in ours.fields
+    assert set(ours.tensors) == set(raw)
+    for tensor in theirs.tensors:
+        mine = ours.tensors[tensor.name]
+        assert mine.shape == tuple(int(v) for v in tensor.shape)[::-1]
+        assert mine.type_name == tensor.tensor_type.name
+        assert np.array_equal(mine.data, np.asarray(tensor.data).view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("damage", ["not a gguf", "cut short"])
+def test_a_file_that_is_no_whole_gguf_is_refused_naming_what_is_wrong(tmp_path, damage):
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_down.weight", np.ones((64, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    if damage == "not a gguf":
+        path.write_bytes(b"GGML" + data[4:])
+        with pytest.raises(ValueError, match="is not a GGUF file"):
+            GgufFile(path)
+    else:
+        path.write_bytes(data[: len(data) - 100])
+        with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight ends at byte \d+, past"):
+            GgufFile(path)
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_a_sample_of_rows_puts_q_and_k_in_order_and_tells_other_values_apart(
+    tokenizer, tmp_path, monkeypatch, caplog
+):
+    model = gguf_model(tokenizer, tmp_path)
+    names = [f"model.layers.1.self_attn.{part}" for part in ("q_proj", "k_proj", "v_proj")]
+    assert gguf_packs.SAMPLE_ROWS >= 256  # every row of these: the whole check
+    whole = GgufPacks(tmp_path / "model.gguf")
+    expected = {name: whole.pack(name, model.get_submodule(name).weight, dict) for name in names}
+    monkeypatch.setattr(gguf_packs, "SAMPLE_ROWS", 16)
+    sampled = GgufPacks(tmp_path / "model.gguf")
+    for name in names:
+        mode, packs = sampled.pack(name, model.get_submodule(name).weight, dict)
+        assert mode == expected[name][0] == "int4"
+        assert torch.equal(packs["qweight"], expected[name][1]["qweight"]), name
+        assert torch.equal(packs["scales"], expected[name][1]["scales"]), name
+    other = torch.randn(256, 256) * 0.05
+    mode, packed = sampled.pack(names[0], other, lambda w: {"qweight": w})
+    assert mode == "int8" and packed["qweight"] is other
+    # The right values, rows moved by one: in neither order the packs know.
+    shuffled = model.get_submodule(names[0]).weight.detach().roll(1, dims=0)
+    mode, packed = sampled.pack(names[0], shuffled, lambda w: {"qweight": w})
+    assert mode == "int8" and packed["qweight"] is shuffled
