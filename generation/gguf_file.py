@@ -44,6 +44,10 @@ _SCALARS = {
     GGUFValueType.FLOAT64: "<d",
 }
 
+_VALUE_TYPES = {int(t): t for t in GGUFValueType}
+# Types whose block sizes are known (GGML_QUANT_SIZES): a tensor's bytes can be located.
+_TENSOR_TYPES = {int(t): t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+
 
 @dataclass(frozen=True)
 class GgufTensor:
@@ -62,6 +66,12 @@ class GgufFile:
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._buf = memoryview(self._map)  # type: ignore[arg-type]
         self._pos = 0
+        try:
+            self._parse()
+        except struct.error as exc:
+            raise ValueError(f"{self.path} ends inside its GGUF header ({exc})") from exc
+
+    def _parse(self) -> None:
         magic, version = self._unpack("<II")
         if magic != GGUF_MAGIC:
             raise ValueError(f"{self.path} is not a GGUF file (magic {magic:#010x})")
@@ -71,7 +81,7 @@ class GgufFile:
         self.fields: dict[str, object] = {}
         for _ in range(n_fields):
             key = self._string()
-            kind = GGUFValueType(self._unpack("<I")[0])
+            kind = self._value_type()
             value = self._value(kind)
             if kind != GGUFValueType.ARRAY:
                 self.fields[key] = value
@@ -81,7 +91,9 @@ class GgufFile:
             (n_dims,) = self._unpack("<I")
             dims = self._unpack(f"<{n_dims}Q")
             kind_id, offset = self._unpack("<IQ")
-            infos.append((name, tuple(int(d) for d in dims), GGMLQuantizationType(kind_id), offset))
+            if kind_id not in _TENSOR_TYPES:
+                raise ValueError(f"{self.path}: tensor {name} has type {kind_id}, not a known one")
+            infos.append((name, tuple(int(d) for d in dims), _TENSOR_TYPES[kind_id], offset))
         alignment = int(self.fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))  # type: ignore[call-overload]
         if alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"{self.path}: general.alignment {alignment} is not a power of two")
@@ -109,11 +121,17 @@ class GgufFile:
         self._pos += length
         return text
 
+    def _value_type(self) -> GGUFValueType:
+        (kind,) = self._unpack("<I")
+        if kind not in _VALUE_TYPES:
+            raise ValueError(f"{self.path}: metadata value type {kind} at byte {self._pos - 4}")
+        return _VALUE_TYPES[kind]
+
     def _value(self, kind: GGUFValueType) -> object:
         if kind == GGUFValueType.STRING:
             return self._string()
         if kind == GGUFValueType.ARRAY:
-            element = GGUFValueType(self._unpack("<I")[0])
+            element = self._value_type()
             (count,) = self._unpack("<Q")
             if element in _SCALARS:
                 self._pos += count * struct.calcsize(_SCALARS[element])

@@ -645,7 +645,15 @@ def quantize_model(
     if mode == "gguf" and gguf is not None and not from_cache:
         from generation.gguf_packs import GgufPacks  # it builds on this module's quantizers
 
-        from_gguf = GgufPacks(gguf)
+        try:
+            from_gguf = GgufPacks(gguf)
+        except (OSError, ValueError) as exc:
+            # A damaged GGUF beside a sound checkpoint: the weights are still the model's.
+            logger.warning(
+                "%s cannot be read (%s); packing every projection as int8 from the model's weights",
+                gguf,
+                exc,
+            )
     to_save: dict[str, torch.Tensor] = {}
     # Packs are read one at a time with pread into memory of their own, not through a
     # mapping of the file: a mapping stays resident until its last tensor dies, so packs
@@ -665,8 +673,9 @@ def quantize_model(
                     linear.weight.detach(),
                     lambda w: QuantizedLinear.quantize(w, "int8", group_size),
                 )
-            else:
-                packed = QuantizedLinear.quantize(linear.weight.detach(), mode, group_size)
+            else:  # gguf gets here only when its file could not be read
+                kind = "int8" if mode == "gguf" else mode
+                packed = QuantizedLinear.quantize(linear.weight.detach(), kind, group_size)
             if stored is None:
                 to_save[f"{name}.qweight"] = packed["qweight"]
                 to_save[f"{name}.scales"] = packed["scales"]

@@ -342,7 +342,7 @@ def test_the_gguf_file_reader_gives_the_scalars_and_tensors_ggufs_own_reader_giv
         assert np.array_equal(mine.data, np.asarray(tensor.data).view(np.uint8).reshape(-1))
 
 
-@pytest.mark.parametrize("damage", ["not a gguf", "cut short"])
+@pytest.mark.parametrize("damage", ["not a gguf", "header cut short", "data cut short"])
 def test_a_file_that_is_no_whole_gguf_is_refused_naming_what_is_wrong(tmp_path, damage):
     path = tmp_path / "model.gguf"
     writer = GGUFWriter(str(path), "llama")
@@ -356,10 +356,28 @@ def test_a_file_that_is_no_whole_gguf_is_refused_naming_what_is_wrong(tmp_path, 
         path.write_bytes(b"GGML" + data[4:])
         with pytest.raises(ValueError, match="is not a GGUF file"):
             GgufFile(path)
+    elif damage == "header cut short":
+        path.write_bytes(data[:40])
+        with pytest.raises(ValueError, match="ends inside its GGUF header"):
+            GgufFile(path)
     else:
         path.write_bytes(data[: len(data) - 100])
         with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight ends at byte \d+, past"):
             GgufFile(path)
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_a_damaged_gguf_leaves_every_projection_to_int8_from_the_models_weights(
+    tokenizer, tmp_path, caplog
+):
+    model = gguf_model(tokenizer, tmp_path)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(path.read_bytes()[:-1000])
+    done = quantize_model(model, "gguf", gguf=path)
+    assert done["mode"] == "gguf"
+    assert f"{path} cannot be read" in caplog.text and "past the file's end" in caplog.text
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 15 and {m.mode for m in layers} == {"int8"}
 
 
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
