@@ -124,7 +124,9 @@ class GgufFile:
     def _value_type(self) -> GGUFValueType:
         (kind,) = self._unpack("<I")
         if kind not in _VALUE_TYPES:
-            raise ValueError(f"{self.path}: metadata value type {kind} at byte {self._pos - 4}")
+            raise ValueError(
+                f"{self.path}: unknown metadata value type {kind} at byte {self._pos - 4}"
+            )
         return _VALUE_TYPES[kind]
 
     def _value(self, kind: GGUFValueType) -> object:

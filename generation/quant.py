@@ -673,7 +673,7 @@ def quantize_model(
                     linear.weight.detach(),
                     lambda w: QuantizedLinear.quantize(w, "int8", group_size),
                 )
-            else:  # gguf gets here only when its file could not be read
+            else:  # int8 and int4; gguf only when its file could not be read
                 kind = "int8" if mode == "gguf" else mode
                 packed = QuantizedLinear.quantize(linear.weight.detach(), kind, group_size)
             if stored is None:
