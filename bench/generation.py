@@ -8,6 +8,8 @@ requests, TTFT with a warm shared prefix vs cold, and peak RSS. Timings are medi
 With --compare-llama-cpp, llama.cpp decodes the preset's GGUF from the same prompt tokens,
 one run after each of the engine's, on the same thread. With --compare-hf-forward, each
 round also decodes through transformers' forward instead of `generation/lean_decode.py`.
+With --kernel-isa avx2 on a CPU with AVX-512 VNNI, quantized decode steps run on the AVX2
+kernels (to compare the two on one machine).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from generation import qmatmul
 from generation.attention import use_decode_attention
 from generation.engine import Engine
 from generation.params import GenerationParams
@@ -186,6 +189,12 @@ def main() -> None:
         action="store_true",
         help="Also decode each round through transformers' forward instead of lean_decode.",
     )
+    parser.add_argument(
+        "--kernel-isa",
+        choices=("auto", *qmatmul.KERNEL_ISAS),
+        default="auto",
+        help="The instruction set of the int4/int8 kernels (auto: the best the CPU has).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -214,6 +223,13 @@ def main() -> None:
         raise SystemExit(f"could not load {args.model}: {scheduler.load_error}")
     engine, report = scheduler.engine, reports[0]
     on_model = scheduler.call
+    if args.kernel_isa != "auto":
+        if not qmatmul.loaded():
+            raise SystemExit("--kernel-isa needs ragqa's kernels, which did not load here")
+        try:
+            qmatmul.set_kernel_isa(args.kernel_isa)
+        except ValueError as exc:
+            raise SystemExit(f"--kernel-isa {args.kernel_isa}: {exc}") from exc
     n = args.new_tokens
     messages = rag_messages(
         engine, args.prompt_tokens, "Which passage explains how bees share directions?"
@@ -318,6 +334,7 @@ def main() -> None:
         "device": report.device,
         "dtype": report.dtype,
         "prefill_dtype": report.prefill_dtype,
+        "kernel_isa": qmatmul.kernel_isa() if qmatmul.loaded() else None,
         "threads": torch.get_num_threads(),
         "prompt_tokens": len(ids),
         "new_tokens": n,

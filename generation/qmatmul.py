@@ -7,7 +7,8 @@ sources are compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
 `load()` returns False and callers keep torch's own weight-only kernels; nothing else
-changes.
+changes. The matmuls run on AVX-512 VNNI where the CPU has it and on AVX2 elsewhere
+(`kernel_isa`); both paths live in one library built for AVX2.
 """
 
 from __future__ import annotations
@@ -153,6 +154,41 @@ def int8_dequantize(qw: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -
 def int4_dequantize(qs: torch.Tensor, sm: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
     """qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> out [N, K] float32 (written in place)."""
     torch.ops.ragqa_qmatmul.q4_dequantize(qs, sm, group_size, out)
+
+
+KERNEL_ISAS = ("avx2", "avx512-vnni")
+
+
+def kernel_isa() -> str:
+    """The instruction set `int4_linear` and `int8_linear` run on: "avx512-vnni" where the
+    CPU has it (avx512f/bw/vl/dq + vnni), else "avx2". Needs `load()`."""
+    return torch.ops.ragqa_qmatmul.kernel_isa()
+
+
+def set_kernel_isa(isa: str) -> str:
+    """Runs the matmuls on `isa` (one of KERNEL_ISAS) from now on in this process and
+    returns the previous one: for tests and benchmarks that compare the two on one CPU.
+    The two sum the same integer products but add the floats in another order, so their
+    outputs differ in rounding. Raises ValueError for another name or a CPU without it."""
+    if isa not in KERNEL_ISAS:
+        raise ValueError(f"kernel isa must be one of {KERNEL_ISAS}, got {isa!r}")
+    try:
+        return torch.ops.ragqa_qmatmul.set_kernel_isa(isa)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from exc
+
+
+def available_kernel_isas() -> list[str]:
+    """The KERNEL_ISAS this CPU runs (avx2 always, once `load()` has succeeded)."""
+    current = kernel_isa()
+    available = ["avx2"]
+    try:
+        set_kernel_isa("avx512-vnni")
+        available.append("avx512-vnni")
+    except ValueError:
+        pass
+    set_kernel_isa(current)
+    return available
 
 
 def loaded() -> bool:

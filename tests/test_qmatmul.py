@@ -31,6 +31,16 @@ def built():
     assert qmatmul.load(), "the kernels failed to build (see the log)"
 
 
+@pytest.fixture(params=qmatmul.KERNEL_ISAS)
+def isa(request):
+    """Runs a test on each instruction set's kernels this CPU has (skips the others)."""
+    if request.param not in qmatmul.available_kernel_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    previous = qmatmul.set_kernel_isa(request.param)
+    yield request.param
+    qmatmul.set_kernel_isa(previous)
+
+
 def _weights(n=96, k=256, g=64, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k) * 0.05
@@ -60,10 +70,12 @@ def test_packed_layout_dequantizes_to_the_same_weights_as_quantize_int4():
     assert (ours - reference).abs().max() < 2e-3 * reference.abs().max()
 
 
-def test_int4_kernel_equals_integer_arithmetic_on_int8_activations():
+# 256: whole groups of 4 blocks; 1088: two groups of 16 blocks and a last pair (AVX-512)
+@pytest.mark.parametrize("k", [256, 1088])
+def test_int4_kernel_equals_integer_arithmetic_on_int8_activations(isa, k):
     g = 64
-    q, _, qs, sm = _weights(g=g)
-    x = torch.randn(5, 256)
+    q, _, qs, sm = _weights(k=k, g=g)
+    x = torch.randn(5, k)
     y = qmatmul.int4_linear(x, qs, sm, g)
     xq, _ = _quantized_activations(x)
     n, k = q.shape
@@ -73,10 +85,15 @@ def test_int4_kernel_equals_integer_arithmetic_on_int8_activations():
     assert torch.allclose(y, expected, atol=1e-4, rtol=1e-5)
 
 
-# Scales of 8 blocks at once for groups of 1, 2, 4 or 8 blocks; one pair of blocks at a
-# time for 3 (96) and for the 2 blocks after 8 (320).
-@pytest.mark.parametrize(("group", "k"), [(32, 512), (64, 512), (128, 512), (96, 384), (32, 320)])
-def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(group, k):
+# Scales of 8 (AVX2) or 16 (AVX-512) blocks at once for groups of 1, 2, 4 or 8 blocks;
+# block by block for 3 (96) and for the blocks after the last whole 8 or 16 (320, 704).
+@pytest.mark.parametrize(
+    ("group", "k"),
+    [(32, 512), (64, 512), (128, 512), (256, 512), (96, 384), (32, 320), (32, 704), (64, 704)],
+)
+def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(
+    isa, group, k
+):
     q, _, qs, sm = _weights(n=64, k=k, g=group)
     x = torch.randn(3, k)
     w = _float_weight(q, sm, group)
@@ -88,8 +105,9 @@ def test_int4_kernel_error_against_float_weights_stays_within_activation_roundin
     assert err.max() > 0  # the activations really are quantized
 
 
-@pytest.mark.parametrize("k", [256, 320])  # whole groups of 8 blocks; 8 blocks plus a tail of 2
-def test_rows_are_computed_independently_for_every_tile_size(k):
+# whole groups of 8 blocks; 8 blocks plus a tail of 2; 16 blocks plus 4 and a last pair
+@pytest.mark.parametrize("k", [256, 320, 704])
+def test_rows_are_computed_independently_for_every_tile_size(isa, k):
     _, _, qs, sm = _weights(k=k)
     q8, s8 = quantize_int8_blocks(torch.randn(96, k))
     x = torch.randn(7, k)  # one tile of 4 and one of 3
@@ -102,13 +120,16 @@ def test_rows_are_computed_independently_for_every_tile_size(k):
         assert torch.equal(together, alone)
 
 
-def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound():
+# 320: 10 blocks (AVX2: 8 and 2 one at a time); 608: 19 blocks (AVX-512: 16 and 3)
+@pytest.mark.parametrize("k", [320, 608])
+def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound(isa, k):
     torch.manual_seed(0)
-    w = torch.randn(80, 320) * 0.05
+    w = torch.randn(80, k) * 0.05
     w[5, 64:96] *= 40  # an outlier block: its own scale, not its row's
+    w[9, k - 32 :] *= 40  # and one among the blocks after the last whole 8 or 16
     q8, s8 = quantize_int8_blocks(w)
-    assert s8.shape == (80, 10) and s8[5, 2] > 20 * s8[5, 1]
-    x = torch.randn(3, 320)
+    assert s8.shape == (80, k // 32) and s8[5, 2] > 20 * s8[5, 1]
+    x = torch.randn(3, k)
     y = qmatmul.int8_linear(x, q8, s8)
     xq, d = _quantized_activations(x)
     wq = dequantize_int8_blocks(q8, s8)
@@ -117,6 +138,32 @@ def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound()
     err = (y - x @ wq.T).abs()
     bound = (d / 2) @ wq.abs().reshape(80, -1, 32).sum(-1).T
     assert (err <= bound + 1e-4).all() and err.max() > 0
+
+
+def test_both_instruction_sets_sum_the_same_products_and_differ_only_in_float_rounding():
+    available = qmatmul.available_kernel_isas()
+    if "avx512-vnni" not in available:
+        pytest.skip("this CPU has only the AVX2 kernels")
+    _, _, qs, sm = _weights(n=64, k=1088, g=32)
+    q8, s8 = quantize_int8_blocks(torch.randn(64, 1088) * 0.05)
+    x = torch.randn(4, 1088)
+    outputs = {}
+    previous = qmatmul.kernel_isa()
+    try:
+        for isa in available:
+            qmatmul.set_kernel_isa(isa)
+            outputs[isa] = (qmatmul.int4_linear(x, qs, sm, 32), qmatmul.int8_linear(x, q8, s8))
+    finally:
+        qmatmul.set_kernel_isa(previous)
+    for a, b in zip(outputs["avx2"], outputs["avx512-vnni"], strict=True):
+        # float32 sums of ~1000 products in another order: a few units of the last place
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_an_unknown_instruction_set_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="avx2"):
+        qmatmul.set_kernel_isa("sse4")
+    assert qmatmul.kernel_isa() in qmatmul.KERNEL_ISAS
 
 
 def test_kernel_rejects_a_group_that_does_not_divide_the_inputs():

@@ -1,4 +1,5 @@
-// int4- and int8-weight x int8-activation matrix products for CPU decode steps (AVX2).
+// int4- and int8-weight x int8-activation matrix products for CPU decode steps (AVX2, and
+// AVX-512 VNNI where the CPU has it).
 //
 // torch's weight-only int4 kernel converts every weight to float before multiplying; on a
 // 2-core CPU that makes a decode step compute-bound at about half of llama.cpp's speed.
@@ -26,13 +27,36 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
+
+// Functions compiled for AVX-512 with VNNI, called only where the CPU has it (`avx512_on`):
+// the library as a whole is built for AVX2, so it loads on every CPU the kernels support.
+#define RAGQA_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// Which matmul kernels run: the AVX-512 VNNI ones where the CPU has them, unless a caller
+// (a test or a benchmark comparing the two) asked for AVX2.
+std::atomic<bool>& avx512_wanted() {
+  static std::atomic<bool> wanted{cpu_has_avx512_vnni()};
+  return wanted;
+}
+
+inline bool avx512_on() { return avx512_wanted().load(std::memory_order_relaxed); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -50,11 +74,32 @@ inline float hmax(__m256 v) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// x [M, K] float -> xq [M, K] int8, dx [M, K/32] (xq * dx ~ x), and with `sums` the exact
-// sums of each block of 32, xsum [M, K/32] (int8 weights have no minimum term to feed).
-void quantize_activations(const float* x, int64_t M, int64_t K, bool sums, int8_t* xq,
-                          float* dx, float* xsum) {
+// How a kernel wants the int8 activations laid out.
+enum class ActivationLayout {
+  kPlain,  // blocks in input order, signed (the AVX2 kernels)
+  // The AVX-512 int4 kernel: in each whole group of 4 blocks, blocks 0, 2, 1, 3, so that
+  // one 64-byte load of activations meets one 64-byte load of nibbles (whose low nibbles
+  // hold blocks 0 and 2 of the group, the high ones blocks 1 and 3); signed.
+  kInt4Avx512,
+  // The AVX-512 int8 kernel: blocks in input order, stored as x + 128 (unsigned), because
+  // VNNI multiplies unsigned by signed bytes and the weights are the signed operand.
+  kInt8Avx512,
+};
+
+// Where block b of a row goes in the activations' layout.
+inline int64_t block_slot(int64_t b, int64_t nb, ActivationLayout layout) {
+  if (layout != ActivationLayout::kInt4Avx512 || b >= nb / 4 * 4) return b;
+  static constexpr int64_t kSwap[4] = {0, 2, 1, 3};
+  return (b & ~int64_t{3}) | kSwap[b & 3];
+}
+
+// x [M, K] float -> xq [M, K] int8 (in `layout`), dx [M, K/32] (xq * dx ~ x), and with
+// `sums` the exact sums of each block of 32, xsum [M, K/32] (int8 weights have no minimum
+// term to feed). dx and xsum are in input order whatever the layout.
+void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
+                          ActivationLayout layout, int8_t* xq, float* dx, float* xsum) {
   const int64_t nb = K / kBlock;
+  const __m256i offset = _mm256_set1_epi8(layout == ActivationLayout::kInt8Avx512 ? -128 : 0);
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
@@ -83,7 +128,10 @@ void quantize_activations(const float* x, int64_t M, int64_t K, bool sums, int8_
       __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
       __m256i q8 = _mm256_packs_epi16(q16a, q16b);
       q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock), q8);
+      // x + 128 as a byte: flipping the top bit maps -127..127 to 1..255
+      q8 = _mm256_xor_si256(q8, offset);
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(xq + m * K + block_slot(b, nb, layout) * kBlock), q8);
     }
   }
 }
@@ -277,6 +325,234 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
   }
 }
 
+// AVX-512 VNNI kernels. One vpdpbusd multiplies 64 unsigned by 64 signed bytes and sums
+// each 4 into an int32, where AVX2 needs maddubs + madd for 32: the same integers, in half
+// the instructions per weight. Each output row keeps two float accumulators (blocks
+// interleaved between them), so the chain of dependent fused multiply-adds per weight is
+// a quarter of the AVX2 kernel's, which on a 2-core CPU bounds its speed before memory
+// does. The floats are summed in another order than the AVX2 kernels', so the same input
+// rounds differently on the two paths; on each, an output is the same float whatever the
+// tile size.
+
+// The scales and minima of 16 consecutive blocks b0.. of a row with groups of `per_group`
+// blocks (1, 2, 4 or 8): lane i of *s and *m holds block b0 + i's. Every load reads
+// exactly the pairs of those blocks (a row's last pairs may end the tensor).
+RAGQA_AVX512 inline void load_scales16(const uint16_t* smrow, int64_t b0, int per_group,
+                                       __m512* s, __m512* m) {
+  const uint16_t* p = smrow + 2 * (b0 / per_group);
+  __m512 lo, hi;
+  int shift = 0;
+  if (per_group == 1) {  // 16 pairs
+    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  } else {
+    __m256i halves;
+    if (per_group == 2) {  // 8 pairs
+      halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      shift = 1;
+    } else if (per_group == 4) {  // 4 pairs
+      halves = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      shift = 2;
+    } else {  // 2 pairs
+      halves = _mm256_zextsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      shift = 3;
+    }
+    lo = hi = _mm512_cvtph_ps(halves);
+  }
+  const __m512i block = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i pair = _mm512_slli_epi32(_mm512_srli_epi32(block, shift), 1);
+  *s = _mm512_permutex2var_ps(lo, pair, hi);
+  *m = _mm512_permutex2var_ps(lo, _mm512_add_epi32(pair, _mm512_set1_epi32(1)), hi);
+}
+
+// Lanes 0-7 from lane `a` of v, lanes 8-15 from lane `b`.
+RAGQA_AVX512 inline __m512i two_lanes(int a, int b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(a)), _mm256_set1_epi32(b),
+                            1);
+}
+
+RAGQA_AVX512 inline __m512 two_scales(float a, float b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1);
+}
+
+// Blocks b..b+3 of one int4 row against MT activation rows: the low nibbles of their 64
+// bytes are blocks b and b+2, the high ones b+1 and b+3, and the activations hold them in
+// that order (block_slot). Lanes 0-7 of scale_a[i] scale block b, lanes 8-15 block b+2;
+// scale_b[i] likewise b+1 and b+3.
+template <int MT>
+RAGQA_AVX512 __attribute__((always_inline)) inline void int4_four_blocks(
+    const uint8_t* qrow, const int8_t* xq, int64_t m0, int64_t K, int64_t b,
+    const __m512* scale_a, const __m512* scale_b, __m512* acc_a, __m512* acc_b) {
+  const __m512i low_mask = _mm512_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i bytes = _mm512_loadu_si512(qrow + b * (kBlock / 2));
+  const __m512i lo = _mm512_and_si512(bytes, low_mask);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
+  for (int i = 0; i < MT; ++i) {
+    const int8_t* x = xq + (m0 + i) * K + b * kBlock;
+    const __m512i sa = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x));
+    const __m512i sb = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + 2 * kBlock));
+    acc_a[i] = _mm512_fmadd_ps(scale_a[i], _mm512_cvtepi32_ps(sa), acc_a[i]);
+    acc_b[i] = _mm512_fmadd_ps(scale_b[i], _mm512_cvtepi32_ps(sb), acc_b[i]);
+  }
+}
+
+// int4 weights as `dot_rows`, activations in the kInt4Avx512 layout.
+template <int MT>
+RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const int8_t* xq,
+                                  const float* dx, const float* xsum, float* y, int64_t n0,
+                                  int64_t n1, int64_t m0, int64_t N, int64_t K, int64_t group) {
+  const int64_t nb = K / kBlock, ng = K / group;
+  const int per_group = static_cast<int>(group / kBlock);
+  const bool vector_scales = per_group == 1 || per_group == 2 || per_group == 4 || per_group == 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qrow = qs + n * (K / 2);
+    const uint16_t* smrow = sm + n * ng * 2;
+    __m512 acc_a[MT], acc_b[MT], min_acc[MT];
+    __m256 acc_pair[MT];
+    float min_rest[MT];
+    for (int i = 0; i < MT; ++i) {
+      acc_a[i] = acc_b[i] = min_acc[i] = _mm512_setzero_ps();
+      acc_pair[i] = _mm256_setzero_ps();
+      min_rest[i] = 0.0f;
+    }
+    int64_t b = 0;
+    if (vector_scales) {
+      for (; b + 16 <= nb; b += 16) {
+        for (int c = 0; c < 4; ++c) {  // the 16 blocks' 256 bytes, kPrefetchBytes ahead
+          _mm_prefetch(
+              reinterpret_cast<const char*>(qrow + b * (kBlock / 2) + kPrefetchBytes + 64 * c),
+              _MM_HINT_T0);
+        }
+        __m512 s16, m16, scales[MT];
+        load_scales16(smrow, b, per_group, &s16, &m16);
+        for (int i = 0; i < MT; ++i) {
+          scales[i] = _mm512_mul_ps(s16, _mm512_loadu_ps(dx + (m0 + i) * nb + b));
+          min_acc[i] =
+              _mm512_fmadd_ps(m16, _mm512_loadu_ps(xsum + (m0 + i) * nb + b), min_acc[i]);
+        }
+        for (int j = 0; j < 16; j += 4) {
+          const __m512i index_a = two_lanes(j, j + 2), index_b = two_lanes(j + 1, j + 3);
+          __m512 scale_a[MT], scale_b[MT];
+          for (int i = 0; i < MT; ++i) {
+            scale_a[i] = _mm512_permutexvar_ps(index_a, scales[i]);
+            scale_b[i] = _mm512_permutexvar_ps(index_b, scales[i]);
+          }
+          int4_four_blocks<MT>(qrow, xq, m0, K, b + j, scale_a, scale_b, acc_a, acc_b);
+        }
+      }
+    }
+    // Scales one block at a time: groups of 4 blocks, then a last pair (K % 128 == 64),
+    // which the activations hold in input order.
+    auto scale_of = [&](int64_t block) { return half_to_float(smrow[2 * (block / per_group)]); };
+    auto min_of = [&](int64_t block) { return half_to_float(smrow[2 * (block / per_group) + 1]); };
+    for (; b + 4 <= nb; b += 4) {
+      __m512 scale_a[MT], scale_b[MT];
+      for (int i = 0; i < MT; ++i) {
+        const float* d = dx + (m0 + i) * nb + b;
+        const float* xs = xsum + (m0 + i) * nb + b;
+        scale_a[i] = two_scales(scale_of(b) * d[0], scale_of(b + 2) * d[2]);
+        scale_b[i] = two_scales(scale_of(b + 1) * d[1], scale_of(b + 3) * d[3]);
+        min_rest[i] += min_of(b) * xs[0] + min_of(b + 1) * xs[1] + min_of(b + 2) * xs[2] +
+                       min_of(b + 3) * xs[3];
+      }
+      int4_four_blocks<MT>(qrow, xq, m0, K, b, scale_a, scale_b, acc_a, acc_b);
+    }
+    if (b < nb) {  // nb is even: one pair left
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * 16));
+      const __m256i low4 = _mm256_set1_epi8(0x0F);
+      const __m256i lo = _mm256_and_si256(bytes, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* x = xq + (m0 + i) * K + b * kBlock;
+        const float* d = dx + (m0 + i) * nb + b;
+        const float* xs = xsum + (m0 + i) * nb + b;
+        const __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+        const __m256i sb = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(), hi,
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kBlock)));
+        acc_pair[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(b) * d[0]), _mm256_cvtepi32_ps(sa),
+                                      acc_pair[i]);
+        acc_pair[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(b + 1) * d[1]),
+                                      _mm256_cvtepi32_ps(sb), acc_pair[i]);
+        min_rest[i] += min_of(b) * xs[0] + min_of(b + 1) * xs[1];
+      }
+    }
+    for (int i = 0; i < MT; ++i) {
+      y[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc_a[i], acc_b[i])) +
+                            hsum(acc_pair[i]) + _mm512_reduce_add_ps(min_acc[i]) + min_rest[i];
+    }
+  }
+}
+
+// int8 weights as `dot_rows_q8`, activations in the kInt8Avx512 layout (x + 128 as
+// unsigned bytes): sum (x + 128) w - 128 sum w = sum x w, exactly, in int32.
+template <int MT>
+RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const int8_t* xq,
+                                     const float* dx, float* y, int64_t n0, int64_t n1,
+                                     int64_t m0, int64_t N, int64_t K) {
+  const int64_t nb = K / kBlock;
+  const __m512i offset = _mm512_set1_epi8(-128);  // 0x80: 128 as the unsigned operand
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = qw + n * K;
+    const uint16_t* drow = dw + n * nb;
+    __m512 acc_a[MT], acc_b[MT];
+    __m256 acc_rest[MT];
+    for (int i = 0; i < MT; ++i) {
+      acc_a[i] = acc_b[i] = _mm512_setzero_ps();
+      acc_rest[i] = _mm256_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 16 <= nb; b += 16) {
+      for (int c = 0; c < 8; ++c) {  // Rows are contiguous: near a row's end, the next row.
+        _mm_prefetch(reinterpret_cast<const char*>(wrow + b * kBlock + kPrefetchBytes + 64 * c),
+                     _MM_HINT_T0);
+      }
+      const __m512 d16 =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(drow + b)));
+      __m512 scales[MT];
+      for (int i = 0; i < MT; ++i) {
+        scales[i] = _mm512_mul_ps(d16, _mm512_loadu_ps(dx + (m0 + i) * nb + b));
+      }
+      for (int j = 0; j < 16; j += 4) {  // blocks b+j, b+j+1 to acc_a; b+j+2, b+j+3 to acc_b
+        const __m512i wa = _mm512_loadu_si512(wrow + (b + j) * kBlock);
+        const __m512i wb = _mm512_loadu_si512(wrow + (b + j + 2) * kBlock);
+        // -128 sum w per 4 bytes, the starting value of every activation row's sums
+        const __m512i base_a = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wa));
+        const __m512i base_b = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wb));
+        const __m512i index_a = two_lanes(j, j + 1), index_b = two_lanes(j + 2, j + 3);
+        for (int i = 0; i < MT; ++i) {
+          const int8_t* x = xq + (m0 + i) * K + (b + j) * kBlock;
+          const __m512i sa = _mm512_dpbusd_epi32(base_a, _mm512_loadu_si512(x), wa);
+          const __m512i sb = _mm512_dpbusd_epi32(base_b, _mm512_loadu_si512(x + 2 * kBlock), wb);
+          acc_a[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index_a, scales[i]),
+                                     _mm512_cvtepi32_ps(sa), acc_a[i]);
+          acc_b[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index_b, scales[i]),
+                                     _mm512_cvtepi32_ps(sb), acc_b[i]);
+        }
+      }
+    }
+    const __m256i offset8 = _mm256_set1_epi8(-128);
+    for (; b < nb; ++b) {
+      const __m256i w = load_block(wrow + b * kBlock);
+      const __m256i base = _mm256_sub_epi32(
+          _mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset8, w));
+      const float d = half_to_float(drow[b]);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i s = _mm256_dpbusd_epi32(base, load_block(xq + (m0 + i) * K + b * kBlock), w);
+        acc_rest[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[(m0 + i) * nb + b]),
+                                      _mm256_cvtepi32_ps(s), acc_rest[i]);
+      }
+    }
+    for (int i = 0; i < MT; ++i) {
+      y[(m0 + i) * N + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(acc_a[i], acc_b[i])) + hsum(acc_rest[i]);
+    }
+  }
+}
+
 // Splits output rows across intra-op threads and activation rows into tiles of up to 4.
 template <typename RowsFn>
 void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
@@ -297,7 +573,7 @@ struct QuantizedInput {
   at::Tensor xq, dx, xsum;
 };
 
-QuantizedInput quantize_input(const at::Tensor& x, bool sums) {
+QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout layout) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
@@ -305,7 +581,7 @@ QuantizedInput quantize_input(const at::Tensor& x, bool sums) {
   QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)),
                     at::empty({M, K / kBlock}, x.options()),
                     at::empty({M, sums ? K / kBlock : 0}, x.options())};
-  quantize_activations(xc.data_ptr<float>(), M, K, sums, in.xq.data_ptr<int8_t>(),
+  quantize_activations(xc.data_ptr<float>(), M, K, sums, layout, in.xq.data_ptr<int8_t>(),
                        in.dx.data_ptr<float>(), in.xsum.data_ptr<float>());
   return in;
 }
@@ -323,7 +599,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   TORCH_CHECK(qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) * kBlock == K,
               "weight shapes do not match K = ", K, " (scales must be [N, K/32])");
-  const QuantizedInput in = quantize_input(x, false);
+  const bool avx512 = avx512_on();
+  const QuantizedInput in = quantize_input(
+      x, false, avx512 ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain);
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
@@ -332,7 +610,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   const float* dxp = in.dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
-    dot_rows_q8<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+    if (avx512) {
+      dot_rows_q8_avx512<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+    } else {
+      dot_rows_q8<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+    }
   });
   return y;
 }
@@ -349,7 +631,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
               "multiple of 64, got ", K);
   TORCH_CHECK(qs.size(1) * 2 == K && sm.size(0) == N && sm.size(1) == K / group,
               "weight shapes do not match K = ", K);
-  const QuantizedInput in = quantize_input(x, true);
+  const bool avx512 = avx512_on();
+  const QuantizedInput in =
+      quantize_input(x, true, avx512 ? ActivationLayout::kInt4Avx512 : ActivationLayout::kPlain);
   const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
@@ -359,7 +643,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const float* xsp = in.xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
-    dot_rows<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
+    if (avx512) {
+      dot_rows_avx512<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
+    } else {
+      dot_rows<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
+    }
   });
   return y;
 }
@@ -443,6 +731,21 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   });
 }
 
+// "avx512-vnni" or "avx2": the kernels q4_linear and q8_linear run.
+std::string kernel_isa() { return avx512_on() ? "avx512-vnni" : "avx2"; }
+
+// Chooses the kernels ("avx2" or "avx512-vnni", which needs a CPU with it) and returns the
+// previous choice: for tests and benchmarks that compare the two paths on one machine.
+std::string set_kernel_isa(std::string isa) {
+  TORCH_CHECK(isa == "avx2" || isa == "avx512-vnni",
+              "kernel isa must be avx2 or avx512-vnni, got ", isa);
+  TORCH_CHECK(isa == "avx2" || cpu_has_avx512_vnni(),
+              "this CPU has no AVX-512 VNNI (needs avx512f, bw, vl, dq and vnni)");
+  std::string previous = kernel_isa();
+  avx512_wanted().store(isa == "avx512-vnni");
+  return previous;
+}
+
 }  // namespace ragqa
 
 TORCH_LIBRARY(ragqa_qmatmul, m) {
@@ -450,6 +753,9 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
   m.def("q8_dequantize(Tensor qw, Tensor scales, Tensor(a!) out) -> ()");
   m.def("q4_dequantize(Tensor qs, Tensor sm, int group, Tensor(a!) out) -> ()");
+  // No tensor arguments, so no dispatch key: one kernel for every backend.
+  m.def("kernel_isa() -> str", &ragqa::kernel_isa);
+  m.def("set_kernel_isa(str isa) -> str", &ragqa::set_kernel_isa);
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
