@@ -121,17 +121,25 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def pack_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From `quant.quantize_int4`'s output to the int4 kernel's layout.
+def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: qs [N, K/2] uint8 -> [N, K] uint8 values 0..15."""
+    n, half = qs.shape
+    pairs = qs.reshape(n, half // 32, 1, 32)
+    return torch.cat([pairs & 0xF, pairs >> 4], dim=2).reshape(n, 2 * half)
 
-    q [N, K] uint8 0..15, scales_and_zeros [K/g, N, 2] (w = (q - 8) * scale + zero)
-    -> qs [N, K/2] uint8 (`pack_nibbles`),
-       sm [N, K/g, 2] float16 (w = q * s + m, so m = zero - 8 * scale).
-    """
+
+def int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`quant.quantize_int4`'s scales_and_zeros [K/g, N, 2] (w = (q - 8) * scale + zero)
+    -> the kernel's sm [N, K/g, 2] float16 (w = q * s + m, so m = zero - 8 * scale)."""
     scale = scales_and_zeros[..., 0].float().transpose(0, 1)
     zero = scales_and_zeros[..., 1].float().transpose(0, 1)
-    sm = torch.stack([scale, zero - 8 * scale], dim=-1).to(torch.float16).contiguous()
-    return pack_nibbles(q), sm
+    return torch.stack([scale, zero - 8 * scale], dim=-1).to(torch.float16).contiguous()
+
+
+def pack_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From `quant.quantize_int4`'s output to the int4 kernel's layout: q [N, K] uint8
+    0..15 -> qs [N, K/2] uint8 (`pack_nibbles`), and sm (`int4_scales`)."""
+    return pack_nibbles(q), int4_scales(scales_and_zeros)
 
 
 def int4_linear(

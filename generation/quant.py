@@ -243,17 +243,32 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("scales", scales.to(dtype), persistent=False)
         elif use_kernel:
-            qs, sm = qmatmul.pack_int4(packed["qweight"], packed["scales"])
+            q = packed["qweight"]
+            # [N, K/2]: nibbles as the kernel reads them, as the cache stores them
+            qs = q.contiguous() if self._nibbles(q) else qmatmul.pack_nibbles(q)
             self.register_buffer("qweight", qs, persistent=False)
-            self.register_buffer("scales", sm, persistent=False)
+            self.register_buffer("scales", qmatmul.int4_scales(packed["scales"]), persistent=False)
         else:
-            q = packed["qweight"].to(torch.int32)
+            q = packed["qweight"]
+            q = (qmatmul.unpack_nibbles(q) if self._nibbles(q) else q).to(torch.int32)
             self.register_buffer(
                 "qweight",
                 torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
                 persistent=False,
             )
             self.register_buffer("scales", packed["scales"].to(dtype), persistent=False)
+
+    def _nibbles(self, q: torch.Tensor) -> bool:
+        """Whether int4 values q come two to a byte ([N, K/2]) rather than one ([N, K])."""
+        return q.shape[1] * 2 == self.in_features
+
+    def cache_form(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a cache of packs stores for this layer, given what it was built from:
+        int4 values two to a byte where the kernel reads them so (half the bytes of one
+        value a byte, and a cached load takes them as they are), else `packed` as it is."""
+        if self.mode == "int4" and self.kernel:
+            return {"qweight": self.qweight, "scales": packed["scales"]}
+        return packed
 
     def prefill_weight(self) -> torch.Tensor:
         """The float weight [N, K] a long call multiplies: kept, or expanded into scratch."""
@@ -676,11 +691,8 @@ def quantize_model(
             else:  # int8 and int4; gguf only when its file could not be read
                 kind = "int8" if mode == "gguf" else mode
                 packed = QuantizedLinear.quantize(linear.weight.detach(), kind, group_size)
-            if stored is None:
-                to_save[f"{name}.qweight"] = packed["qweight"]
-                to_save[f"{name}.scales"] = packed["scales"]
             layer_mode = mode
-            if mode == "gguf":  # per layer, from the cache too: int4 packs hold 0..15 as uint8
+            if mode == "gguf":  # per layer, from the cache too: int4 packs are uint8
                 layer_mode = "int4" if packed["qweight"].dtype == torch.uint8 else "int8"
             # Packed from the narrow values if the model was loaded narrow: the same packs.
             quantized = QuantizedLinear(
@@ -691,6 +703,9 @@ def quantize_model(
                 packed=packed,
                 dtype=dtype,
             )
+            if stored is None:
+                for key, value in quantized.cache_form(packed).items():
+                    to_save[f"{name}.{key}"] = value
             tied = id(linear.weight) in embeddings
             if linear is vocabulary and quantized.kernel and not tied:
                 # It multiplies one row a sequence: the prefill's last position (the engine

@@ -70,6 +70,13 @@ def test_packed_layout_dequantizes_to_the_same_weights_as_quantize_int4():
     assert (ours - reference).abs().max() < 2e-3 * reference.abs().max()
 
 
+def test_nibbles_unpack_to_the_values_they_were_packed_from():
+    q = torch.randint(0, 16, (5, 192), dtype=torch.uint8)
+    packed = qmatmul.pack_nibbles(q)
+    assert packed.shape == (5, 96)
+    assert torch.equal(qmatmul.unpack_nibbles(packed), q)
+
+
 # 256: whole groups of 4 blocks; 1088: two groups of 16 blocks and a last pair (AVX-512)
 @pytest.mark.parametrize("k", [256, 1088])
 def test_int4_kernel_equals_integer_arithmetic_on_int8_activations(isa, k):

@@ -162,6 +162,46 @@ def test_second_load_reads_cached_weights_instead_of_requantizing(tiny_bf16_mode
     assert torch.equal(first(x).logits, second(x).logits)
 
 
+def _packs(model):
+    return {
+        name: (m.qweight, m.scales)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+
+
+def test_the_cache_stores_int4_values_two_to_a_byte_and_reads_caches_of_one_a_byte(
+    kernels, tiny_bf16_model_dir
+):
+    cache = cache_path(tiny_bf16_model_dir, "int4", 64)
+    cache.unlink(missing_ok=True)
+    first = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.bfloat16)
+    quantize_model(first, "int4", cache=cache)
+    stored = load_file(str(cache))
+    widths = {
+        name: m.in_features for name, m in first.named_modules() if isinstance(m, QuantizedLinear)
+    }
+    assert len(widths) == 2 * 7 + 1
+    for name, k in widths.items():
+        assert stored[f"{name}.qweight"].shape[1] == k // 2, name
+    second = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.bfloat16)
+    assert quantize_model(second, "int4", cache=cache)["from_cache"] is True
+    # A cache written before: one value a byte. Read as it is, not quantized afresh.
+    with safe_open(str(cache), framework="pt") as f:
+        metadata = f.metadata()
+    wide = {
+        key: qmatmul.unpack_nibbles(value) if key.endswith(".qweight") else value
+        for key, value in stored.items()
+    }
+    save_file(wide, str(cache), metadata=metadata)
+    third = LlamaForCausalLM.from_pretrained(tiny_bf16_model_dir, dtype=torch.bfloat16)
+    assert quantize_model(third, "int4", cache=cache)["from_cache"] is True
+    reference = _packs(first)
+    for model in (second, third):
+        for name, (q, scales) in _packs(model).items():
+            assert torch.equal(q, reference[name][0]) and torch.equal(scales, reference[name][1])
+
+
 def test_packs_read_from_the_cache_do_not_keep_the_file_mapped(tiny_bf16_model_dir):
     # A mapped cache stays resident until its last pack dies, so packs moved onto huge
     # pages one by one were not freed until all had moved.
