@@ -9,7 +9,7 @@ With --compare-llama-cpp, llama.cpp decodes the preset's GGUF from the same prom
 one run after each of the engine's, on the same thread. With --compare-hf-forward, each
 round also decodes through transformers' forward instead of `generation/lean_decode.py`.
 With --kernel-isa avx2 on a CPU with AVX-512 VNNI, quantized decode steps run on the AVX2
-kernels (to compare the two on one machine).
+kernels; with --compare-avx2, each round also decodes on them (the two in the same rounds).
 """
 
 from __future__ import annotations
@@ -163,6 +163,16 @@ def hf_forward_once(
     return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
 
 
+def avx2_once(engine: Engine, ids: list[int], params: GenerationParams) -> tuple[float, list[int]]:
+    """(decode tok/s, tokens) of the engine with its kernels on AVX2 for one generation."""
+    previous = qmatmul.set_kernel_isa("avx2")
+    try:
+        r = engine.generate(ids, params)
+    finally:
+        qmatmul.set_kernel_isa(previous)
+    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -195,6 +205,11 @@ def main() -> None:
         default="auto",
         help="The instruction set of the int4/int8 kernels (auto: the best the CPU has).",
     )
+    parser.add_argument(
+        "--compare-avx2",
+        action="store_true",
+        help="Also decode each round on the AVX2 kernels (a CPU with AVX-512 VNNI).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -223,9 +238,12 @@ def main() -> None:
         raise SystemExit(f"could not load {args.model}: {scheduler.load_error}")
     engine, report = scheduler.engine, reports[0]
     on_model = scheduler.call
+    if (args.kernel_isa != "auto" or args.compare_avx2) and not qmatmul.loaded():
+        raise SystemExit("--kernel-isa and --compare-avx2 need ragqa's kernels (not loaded)")
+    compare_avx2 = args.compare_avx2 and qmatmul.kernel_isa() != "avx2"
+    if args.compare_avx2 and not compare_avx2:
+        logging.warning("skipping --compare-avx2: the kernels already run on AVX2")
     if args.kernel_isa != "auto":
-        if not qmatmul.loaded():
-            raise SystemExit("--kernel-isa needs ragqa's kernels, which did not load here")
         try:
             qmatmul.set_kernel_isa(args.kernel_isa)
         except ValueError as exc:
@@ -248,6 +266,7 @@ def main() -> None:
         on_model(lambda: llama_cpp_once(llm, ids[:64], 4))
     ours, theirs, llama_runs = [], [], []
     hf_forward: list[tuple[float, list[int]]] = []
+    avx2: list[tuple[float, list[int]]] = []
     # Interleaved, one run of each per round: the memory bandwidth of a shared machine
     # drifts by up to a third within an hour, and decode steps are bound by it.
     for _ in range(args.runs):
@@ -259,6 +278,8 @@ def main() -> None:
             llama_runs.append(on_model(lambda: llama_cpp_once(llm, ids, n)))
         if args.compare_hf_forward and engine.lean is not None:
             hf_forward.append(on_model(lambda: hf_forward_once(engine, ids, greedy)))
+        if compare_avx2:
+            avx2.append(on_model(lambda: avx2_once(engine, ids, greedy)))
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
     gen_ttft = statistics.median(x[0] for x in theirs)
@@ -318,14 +339,24 @@ def main() -> None:
     elif args.compare_llama_cpp:
         logging.warning("skipping the llama.cpp comparison: %s", llama_missing)
         llama = {"llama_cpp": llama_missing}
-    hf: dict[str, Any] = {}
+    comparisons: dict[str, Any] = {}
     if hf_forward:
-        hf = {
+        comparisons = {
             "hf_forward_decode_tok_s": round(statistics.median(x[0] for x in hf_forward), 2),
             "ratio_lean_vs_hf_forward_paired": round(
                 statistics.median(o[1] / x[0] for o, x in zip(ours, hf_forward, strict=True)), 3
             ),
             "hf_forward_tokens_identical": all(x[1] == ours[0][2] for x in hf_forward),
+        }
+    if avx2:
+        comparisons |= {
+            "avx2_decode_tok_s": round(statistics.median(x[0] for x in avx2), 2),
+            "avx2_decode_tok_s_per_round": [round(x[0], 2) for x in avx2],
+            "ratio_decode_vs_avx2_paired": round(
+                statistics.median(o[1] / x[0] for o, x in zip(ours, avx2, strict=True)), 3
+            ),
+            # the two paths round differently, so greedy tokens may part after a while
+            "avx2_tokens_identical": all(x[1] == ours[0][2] for x in avx2),
         }
     result = {
         "model": args.model,
@@ -357,7 +388,7 @@ def main() -> None:
         "greedy_matches_generate": ours[0][2] == theirs[0][2],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **llama,
-        **hf,
+        **comparisons,
         **(
             {
                 "ratio_decode_vs_llama_cpp": round(engine_tps / llama["llama_cpp_decode_tok_s"], 3),

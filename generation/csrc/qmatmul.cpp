@@ -326,13 +326,15 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
 }
 
 // AVX-512 VNNI kernels. One vpdpbusd multiplies 64 unsigned by 64 signed bytes and sums
-// each 4 into an int32, where AVX2 needs maddubs + madd for 32: the same integers, in half
-// the instructions per weight. Each output row keeps two float accumulators (blocks
-// interleaved between them), so the chain of dependent fused multiply-adds per weight is
-// a quarter of the AVX2 kernel's, which on a 2-core CPU bounds its speed before memory
-// does. The floats are summed in another order than the AVX2 kernels', so the same input
-// rounds differently on the two paths; on each, an output is the same float whatever the
-// tile size.
+// each 4 into an int32, where AVX2 needs maddubs + madd for each 32: the same integers
+// from a quarter of the instructions. Each output row keeps two float accumulators
+// (blocks interleaved between them), so the chain of dependent fused multiply-adds is a
+// quarter as long per weight. On an Intel Xeon with AVX-512 VNNI (machine Q), a 1.5B
+// decode step's matmuls took 0.93x the AVX2 kernels' time in int4 (near a plain read of
+// the same bytes: memory bounds it there) and 0.82-0.86x in int8 (bench/quant_kernels.py).
+// The floats are summed in another order than the AVX2 kernels', so the same input rounds
+// differently on the two paths; on each, an output is the same float whatever the tile
+// size.
 
 // The scales and minima of 16 consecutive blocks b0.. of a row with groups of `per_group`
 // blocks (1, 2, 4 or 8): lane i of *s and *m holds block b0 + i's. Every load reads
