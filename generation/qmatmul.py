@@ -187,16 +187,11 @@ def set_kernel_isa(isa: str) -> str:
 
 
 def available_kernel_isas() -> list[str]:
-    """The KERNEL_ISAS this CPU runs (avx2 always, once `load()` has succeeded)."""
-    current = kernel_isa()
-    available = ["avx2"]
-    try:
-        set_kernel_isa("avx512-vnni")
-        available.append("avx512-vnni")
-    except ValueError:
-        pass
-    set_kernel_isa(current)
-    return available
+    """The KERNEL_ISAS this CPU runs (avx2 always, once `load()` has succeeded). Asks the
+    CPU rather than trying each choice, which would switch other threads' kernels too."""
+    if torch.ops.ragqa_qmatmul.avx512_vnni_supported():
+        return list(KERNEL_ISAS)
+    return ["avx2"]
 
 
 def loaded() -> bool:

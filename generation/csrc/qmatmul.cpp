@@ -733,6 +733,9 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
   });
 }
 
+// Whether this CPU can run the AVX-512 VNNI kernels (avx512f, bw, vl, dq and vnni).
+bool avx512_vnni_supported() { return cpu_has_avx512_vnni(); }
+
 // "avx512-vnni" or "avx2": the kernels q4_linear and q8_linear run.
 std::string kernel_isa() { return avx512_on() ? "avx512-vnni" : "avx2"; }
 
@@ -756,6 +759,7 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q8_dequantize(Tensor qw, Tensor scales, Tensor(a!) out) -> ()");
   m.def("q4_dequantize(Tensor qs, Tensor sm, int group, Tensor(a!) out) -> ()");
   // No tensor arguments, so no dispatch key: one kernel for every backend.
+  m.def("avx512_vnni_supported() -> bool", &ragqa::avx512_vnni_supported);
   m.def("kernel_isa() -> str", &ragqa::kernel_isa);
   m.def("set_kernel_isa(str isa) -> str", &ragqa::set_kernel_isa);
 }
