@@ -355,7 +355,8 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
 // each 4 into an int32, where AVX2 needs maddubs + madd for each 32: the same integers
 // from a quarter of the instructions. Each output row keeps two float accumulators
 // (blocks interleaved between them), so the chain of dependent fused multiply-adds is a
-// quarter as long per weight. On an Intel Xeon with AVX-512 VNNI (machine Q), a 1.5B
+// quarter as long per weight as one accumulator fed a block at a time (which the AVX2
+// kernels no longer do either: eight_sums). On an Intel Xeon with AVX-512 VNNI (machine Q), a 1.5B
 // decode step's matmuls took 0.93x the AVX2 kernels' time in int4 (near a plain read of
 // the same bytes: memory bounds it there) and 0.82-0.86x in int8 (bench/quant_kernels.py).
 // The floats are summed in another order than the AVX2 kernels', so the same input rounds
