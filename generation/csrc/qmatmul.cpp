@@ -168,6 +168,14 @@ inline __m256i eight_sums(const __m256i pairs[4]) {
                           _mm256_permute2x128_si256(z, w, 0x31));
 }
 
+// One activation row's 8 blocks into its float accumulator: acc + (w_scales * dx) * sums,
+// lane j for block j (w_scales: the weights' 8 block scales; dx: the row's 8).
+inline __m256 add_eight_blocks(__m256 acc, __m256 w_scales, const float* dx,
+                               const __m256i pairs[4]) {
+  const __m256 scales = _mm256_mul_ps(w_scales, _mm256_loadu_ps(dx));
+  return _mm256_fmadd_ps(scales, _mm256_cvtepi32_ps(eight_sums(pairs)), acc);
+}
+
 // Blocks 2p and 2p+1 of one int4 row against one activation row: 32 bytes -> the sums
 // of q x over each block, 8 int32 partial sums apiece.
 inline void q4_pair_sums(__m256i lo, __m256i hi, const int8_t* x_ptr, __m256i* first,
@@ -252,8 +260,7 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
           }
         }
         for (int i = 0; i < MT; ++i) {
-          const __m256 scales = _mm256_mul_ps(s8, _mm256_loadu_ps(dx + (m0 + i) * nb + b));
-          acc[i] = _mm256_fmadd_ps(scales, _mm256_cvtepi32_ps(eight_sums(pairs[i])), acc[i]);
+          acc[i] = add_eight_blocks(acc[i], s8, dx + (m0 + i) * nb + b, pairs[i]);
           min_acc[i] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum + (m0 + i) * nb + b), min_acc[i]);
         }
       }
@@ -334,8 +341,7 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
         }
       }
       for (int i = 0; i < MT; ++i) {
-        const __m256 scales = _mm256_mul_ps(d8, _mm256_loadu_ps(dx + (m0 + i) * nb + b));
-        acc[i] = _mm256_fmadd_ps(scales, _mm256_cvtepi32_ps(eight_sums(pairs[i])), acc[i]);
+        acc[i] = add_eight_blocks(acc[i], d8, dx + (m0 + i) * nb + b, pairs[i]);
       }
     }
     for (; b < nb; ++b) {
@@ -356,9 +362,10 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
 // from a quarter of the instructions. Each output row keeps two float accumulators
 // (blocks interleaved between them), so the chain of dependent fused multiply-adds is a
 // quarter as long per weight as one accumulator fed a block at a time (which the AVX2
-// kernels no longer do either: eight_sums). On an Intel Xeon with AVX-512 VNNI (machine Q), a 1.5B
-// decode step's matmuls took 0.93x the AVX2 kernels' time in int4 (near a plain read of
-// the same bytes: memory bounds it there) and 0.82-0.86x in int8 (bench/quant_kernels.py).
+// kernels no longer do either: eight_sums). On an Intel Xeon with AVX-512 VNNI (machine
+// Q), a 1.5B decode step's matmuls took 0.93x the AVX2 kernels' time in int4 (near a
+// plain read of the same bytes: memory bounds it there) and 0.82-0.86x in int8
+// (bench/quant_kernels.py), before the AVX2 kernels took eight_sums.
 // The floats are summed in another order than the AVX2 kernels', so the same input rounds
 // differently on the two paths; on each, an output is the same float whatever the tile
 // size.
