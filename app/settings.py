@@ -73,12 +73,13 @@ class Settings(BaseSettings):
     quant_group_size: int = Field(
         64, ge=16, le=1024, description="int4 group size (gguf's 4-bit blocks are 32)."
     )
-    prefill_weights: Literal["auto", "float", "quantized"] = Field(
+    prefill_weights: Literal["auto", "float", "quantized", "integer"] = Field(
         "auto",
-        description="Weights a quantized generator prefills with: float copies (fastest; "
-        "the 1.5B int8 peaks at 10.9 GB), its quantized ones expanded per layer (2-12% "
-        "slower prefill, 4.3 GB), or auto: float where the copies take at most half of "
-        "the memory available before loading.",
+        description="Weights a quantized generator prefills with: float copies (the 1.5B "
+        "int8 peaks at 10.9 GB), its quantized ones expanded per layer (2-12% slower "
+        "prefill, 4.3 GB), integer: int4 packs times int8 activations on ragqa's GEMM (no "
+        "float copy of them; int8 packs keep theirs), or auto: float where the copies take "
+        "at most half of the memory available before loading.",
     )
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API binds to.")

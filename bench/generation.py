@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
         "--prefill-weights",
-        choices=["auto", "float", "quantized"],
+        choices=["auto", "float", "quantized", "integer"],
         default="auto",
         help="What a quantized model prefills with (RAGQA_PREFILL_WEIGHTS).",
     )

@@ -202,7 +202,7 @@ class Engine:
                 dt
                 if quantization == "none"
                 else prefill_dt
-                if prefill_weights == "float"
+                if prefill_weights in ("float", "integer")
                 else torch.float32  # what `PrefillScratch` expands packs into
             ).removeprefix("torch."),
         )

@@ -149,6 +149,12 @@ def int4_linear(
     return torch.ops.ragqa_qmatmul.q4_linear(x.float(), qs, sm, group_size)
 
 
+def int4_gemm(x: torch.Tensor, qs: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What `int4_linear` computes, for a long prefill: x [M, K] (any float dtype) -> [M, N]
+    float32, on an AVX2 integer GEMM that lays the packs out in panels as it goes."""
+    return torch.ops.ragqa_qmatmul.q4_gemm(x.float(), qs, sm, group_size)
+
+
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype), qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_linear(x.float(), qw, scales)

@@ -154,7 +154,7 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
 
 
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
-@pytest.mark.parametrize("prefill_weights", ["float", "quantized"])
+@pytest.mark.parametrize("prefill_weights", ["float", "quantized", "integer"])
 def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ(
     tokenizer, tmp_path, prefill_weights
 ):
@@ -196,8 +196,14 @@ def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ
             assert (expanded - weight).abs().max() <= 2**-10 * weight.abs().max()
         elif name.endswith(("v_proj", "down_proj")) and ".0." in name:  # Q8_0 and Q5_0: exact
             assert torch.equal(dequantize_int8_blocks(layer.qweight, layer.scales), weight)
-    # A prompt longer than prefill_rows multiplies float or expanded weights: what the
-    # model's own floats give, within the packs' rounding.
+    if prefill_weights == "integer":  # int4 layers on the GEMM, int8 ones on float copies
+        for name in floats:
+            layer = model.get_submodule(name)
+            if isinstance(layer, QuantizedLinear) and layer is not model.lm_head:
+                assert layer.gemm == (layer.mode == "int4")
+                assert (layer.weight is None) == (layer.mode == "int4")
+    # A prompt longer than prefill_rows multiplies float or expanded weights (or int4 packs
+    # by int8 activations): what the model's own floats give, within the rounding.
     with torch.inference_mode():
         logits = model(prompt).logits[0, -1]
     assert (logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()

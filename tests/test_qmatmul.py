@@ -301,3 +301,45 @@ def _run_python(code: str, env: dict[str, str], timeout: float) -> subprocess.Co
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"`{code}` still waiting after {timeout} s")
+
+
+# N: whole tiles of 16 columns, a last panel of 8, and a panel with 5 real columns of 8;
+# M: tiles of 2 rows and a last row alone; groups of 1, 2 and 3 blocks.
+@pytest.mark.parametrize(
+    ("n", "m", "k", "g"), [(96, 6, 256, 64), (40, 5, 192, 32), (21, 3, 384, 96)]
+)
+def test_int4_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, g):
+    q, _, qs, sm = _weights(n=n, k=k, g=g)
+    x = torch.randn(m, k)
+    y = qmatmul.int4_gemm(x, qs, sm, g)
+    xq, _ = _quantized_activations(x)
+    scaled = (q.reshape(n, k // g, g).float() * sm[..., 0].float()[..., None]).reshape(n, k)
+    expected = xq @ scaled.T + x.reshape(m, k // g, g).sum(-1) @ sm[..., 1].float().T
+    assert y.shape == (m, n)
+    assert torch.allclose(y, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int4_gemm_sums_the_decode_kernels_products_in_int16_without_overflow():
+    # Every weight 15 and every activation +-127 (a block of equal values): each int16 lane
+    # sums 8 maddubs of 2 * 15 * 127, 30480, the most a block can give (2^15 - 1 = 32767).
+    k, n = 128, 16
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    sz = torch.stack([torch.full((k // 32, n), 0.01), torch.full((k // 32, n), 0.08)], -1)
+    qs, sm = qmatmul.pack_int4(q, sz)
+    x = torch.cat([torch.ones(1, k), -torch.ones(1, k)]) * 3.0
+    y = qmatmul.int4_gemm(x, qs, sm, 32)
+    assert torch.allclose(y, x @ _float_weight(q, sm, 32).T, rtol=1e-5)
+    assert torch.allclose(y, qmatmul.int4_linear(x, qs, sm, 32), rtol=1e-6)
+
+
+def test_int4_gemm_matches_the_decode_kernel_up_to_float_rounding_on_a_model_shape(isa):
+    _, _, qs, sm = _weights(n=300, k=1536, g=32)
+    x = torch.randn(37, 1536)
+    gemm, decode = qmatmul.int4_gemm(x, qs, sm, 32), qmatmul.int4_linear(x, qs, sm, 32)
+    assert (gemm - decode).abs().max() <= 1e-5 * decode.abs().max()
+
+
+def test_int4_gemm_rejects_a_group_that_does_not_divide_the_inputs():
+    _, _, qs, sm = _weights(k=256, g=64)
+    with pytest.raises(RuntimeError, match="group must be a multiple of 32 dividing K"):
+        qmatmul.int4_gemm(torch.randn(20, 256), qs, sm, 48)

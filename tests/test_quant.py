@@ -388,13 +388,60 @@ def test_quantized_prefill_frees_the_float_weights_and_multiplies_the_rounded_on
         assert torch.equal(model(short_ids).logits, kept(short_ids).logits)
 
 
+def test_integer_prefill_frees_the_int4_floats_and_multiplies_packs_by_int8_activations(kernels):
+    tokenizer = AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+    model, expanded = tiny_llama(tokenizer), tiny_llama(tokenizer)
+    info = quantize_model(model, "int4", group_size=32, prefill_weights="integer")
+    quantize_model(expanded, "int4", group_size=32, prefill_weights="quantized")
+    assert info["prefill_weights"] == "integer"
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14 and all(m.weight is None and m.gemm for m in layers)
+    long_ids, short_ids = torch.tensor([list(range(5, 45))]), torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        # 40 rows: the same int4 weights, the activations rounded to int8 per block of 32
+        # (at most 1/254 of a block's largest value each) instead of exact, through two
+        # layers of a random model: 2 % of the largest logit on this seed.
+        ours, reference = model(long_ids).logits, expanded(long_ids).logits
+        assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+        assert not torch.equal(ours, reference)
+        # 3 rows take the decode kernels whatever prefill uses.
+        assert torch.equal(model(short_ids).logits, expanded(short_ids).logits)
+
+
+def test_integer_prefill_of_int8_packs_keeps_their_float_weights_and_says_so(kernels):
+    tokenizer = AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+    model = tiny_llama(tokenizer)
+    info = quantize_model(model, "int8", prefill_weights="integer")
+    assert info["prefill_weights"] == "float"
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.weight is not None and not m.gemm for m in layers)
+
+
+def test_engine_with_integer_prefill_reports_it_and_decodes_as_generate_does(
+    tiny_bf16_model_dir, kernels
+):
+    engine, report = Engine.load(
+        tiny_bf16_model_dir,
+        dtype="float32",
+        quantization="int4",
+        group_size=32,
+        prefill_weights="integer",
+    )
+    assert report.prefill_weights == "integer" and report.prefill_dtype == "float32"
+    ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
+    assert len(ids) > 16  # the prompt takes the GEMM
+    assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
+
+
 def test_auto_prefill_weights_keeps_floats_only_when_they_take_half_the_memory_or_less():
     assert choose_prefill_weights("auto", 5, 10) == "float"
     assert choose_prefill_weights("auto", 6, 10) == "quantized"
     assert choose_prefill_weights("auto", 6, None) == "float"  # unknown: the faster one
     assert choose_prefill_weights("quantized", 1, 10**12) == "quantized"
     assert choose_prefill_weights("float", 10**12, 1) == "float"
-    with pytest.raises(ValueError, match=r"one of \('auto', 'float', 'quantized'\), got 'int8'"):
+    with pytest.raises(
+        ValueError, match=r"one of \('auto', 'float', 'quantized', 'integer'\), got 'int8'"
+    ):
         choose_prefill_weights("int8", 1, 1)
 
 
