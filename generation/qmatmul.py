@@ -155,6 +155,17 @@ def int4_gemm(x: torch.Tensor, qs: torch.Tensor, sm: torch.Tensor, group_size: i
     return torch.ops.ragqa_qmatmul.q4_gemm(x.float(), qs, sm, group_size)
 
 
+def int8_gemm(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What `int8_linear` computes, for a long prefill, where every weight value lies in
+    -16..15 (`narrow_int8`): x [M, K] (any float dtype) -> [M, N] float32."""
+    return torch.ops.ragqa_qmatmul.q8_gemm(x.float(), qw, scales)
+
+
+def narrow_int8(qw: torch.Tensor) -> bool:
+    """Whether int8 packs hold only -16..15 (a GGUF's Q5_0 blocks), as `int8_gemm` needs."""
+    return qw.numel() > 0 and int(qw.min()) >= -16 and int(qw.max()) <= 15
+
+
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype), qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_linear(x.float(), qw, scales)

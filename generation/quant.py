@@ -13,11 +13,12 @@ from is `prefill_weights`:
   layers (`PrefillScratch`). Memory is the packed copy's plus the largest layer's floats;
   each long call pays one pass that writes a layer's floats (figures in README), and the
   prefill reads weights rounded to int8/int4 (the activations stay exact).
-- "integer": int4 layers multiply a long call's rows on an int8-activation GEMM
-  (`qmatmul.int4_gemm`), which lays their packs out in panels as it goes: no float copy,
-  and on an AVX2 CPU about half the time of the fp32 GEMM (figures in README). The
-  activations are rounded to int8 per block of 32, as in llama.cpp's prefill; layers
-  packed as int8 keep float copies, as with "float".
+- "integer": int4 layers, and int8 ones whose values lie in -16..15 (a GGUF's Q5_0
+  blocks), multiply a long call's rows on an int8-activation GEMM (`qmatmul.int4_gemm`,
+  `int8_gemm`), which lays their packs out in panels as it goes: no float copy, and on
+  an AVX2 CPU about half the time of the fp32 GEMM (figures in README). The activations
+  are rounded to int8 per block of 32, as in llama.cpp's prefill. Other int8 layers keep
+  float copies, as with "float".
 - "auto": "float" when the float copies would take at most half of the memory the
   system has available, else "quantized" (`choose_prefill_weights`; `Engine.load` asks
   before loading the model, `quantize_model` when it is called).
@@ -292,11 +293,19 @@ class QuantizedLinear(nn.Module):
         self.weight = None
         self.scratch = scratch
 
+    def gemm_ready(self) -> bool:
+        """Whether long calls can run on an integer GEMM: int4 packs, or int8 packs whose
+        values all lie in -16..15 (a GGUF's Q5_0 blocks), on ragqa's kernels."""
+        return self.kernel and (self.mode == "int4" or qmatmul.narrow_int8(self.qweight))
+
     def prefill_on_gemm(self) -> None:
-        """Free the float weight: long calls then run on the int4 GEMM (prefill_weights
+        """Free the float weight: long calls then run on the integer GEMM (prefill_weights
         "integer"), which reads the packs the decode steps read."""
-        if not (self.kernel and self.mode == "int4"):
-            raise ValueError("the integer prefill GEMM needs int4 packs and ragqa's kernels")
+        if not self.gemm_ready():
+            raise ValueError(
+                "the integer prefill GEMM needs int4 packs or int8 ones within -16..15, "
+                "and ragqa's kernels"
+            )
         self.weight = None
         self.scratch = None
         self.gemm = True
@@ -324,7 +333,11 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.prefill_rows and self.gemm:
             flat = x.reshape(rows, self.in_features)
-            y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
+            if self.mode == "int4":
+                y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size)
+            else:
+                y = qmatmul.int8_gemm(flat, self.qweight, self.scales)
+            y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -735,7 +748,7 @@ def quantize_model(
                 # (the 1.5B: 0.93 GB in float32).
                 quantized.drop_float_weight(None)
                 _drop_weight(linear)
-            elif prefill_weights == "integer" and quantized.kernel and layer_mode == "int4":
+            elif prefill_weights == "integer" and quantized.gemm_ready():
                 quantized.prefill_on_gemm()
                 if not tied:
                     _drop_weight(linear)
@@ -785,7 +798,10 @@ def quantize_model(
         prefill_weights = "float"
     if prefill_weights == "integer" and dropped == 0:
         # int8 packs only, or no kernels: every layer kept its float weight.
-        logger.warning("prefill_weights integer needs int4 packs and ragqa's kernels; float kept")
+        logger.warning(
+            "prefill_weights integer needs int4 packs (or int8 within -16..15) and ragqa's "
+            "kernels; float weights kept"
+        )
         prefill_weights = "float"
     logger.info(
         "quantized to %s in %.1f s (%s); prefill from %s weights (%.2f GB of floats %s)",

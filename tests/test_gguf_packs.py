@@ -196,12 +196,18 @@ def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ
             assert (expanded - weight).abs().max() <= 2**-10 * weight.abs().max()
         elif name.endswith(("v_proj", "down_proj")) and ".0." in name:  # Q8_0 and Q5_0: exact
             assert torch.equal(dequantize_int8_blocks(layer.qweight, layer.scales), weight)
-    if prefill_weights == "integer":  # int4 layers on the GEMM, int8 ones on float copies
-        for name in floats:
-            layer = model.get_submodule(name)
-            if isinstance(layer, QuantizedLinear) and layer is not model.lm_head:
-                assert layer.gemm == (layer.mode == "int4")
-                assert (layer.weight is None) == (layer.mode == "int4")
+    if prefill_weights == "integer":
+        # On the GEMM: int4 layers and layer 0's down (Q5_0: int8 within -16..15); layer
+        # 0's q, k and v (int8 requantized beside a Q8_0 v) keep float copies.
+        on_gemm = {
+            n
+            for n in floats
+            if isinstance(model.get_submodule(n), QuantizedLinear) and model.get_submodule(n).gemm
+        }
+        expected = {f"model.layers.{layer}.{MODULES[part]}" for layer, part in modes}
+        expected -= {f"model.layers.0.{MODULES[part]}" for part in ("q", "k", "v")}
+        assert on_gemm == expected
+        assert all(model.get_submodule(n).weight is None for n in on_gemm)
     # A prompt longer than prefill_rows multiplies float or expanded weights (or int4 packs
     # by int8 activations): what the model's own floats give, within the rounding.
     with torch.inference_mode():

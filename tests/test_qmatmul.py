@@ -343,3 +343,38 @@ def test_int4_gemm_rejects_a_group_that_does_not_divide_the_inputs():
     _, _, qs, sm = _weights(k=256, g=64)
     with pytest.raises(RuntimeError, match="group must be a multiple of 32 dividing K"):
         qmatmul.int4_gemm(torch.randn(20, 256), qs, sm, 48)
+
+
+def _q5_weights(n, k, seed=0):
+    """int8 packs as a GGUF's Q5_0 blocks give them: values -16..15, a scale per 32."""
+    torch.manual_seed(seed)
+    return torch.randint(-16, 16, (n, k), dtype=torch.int8), (torch.rand(n, k // 32) * 0.01).half()
+
+
+@pytest.mark.parametrize(("n", "m", "k"), [(96, 6, 256), (21, 3, 96)])
+def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations(n, m, k):
+    q, d = _q5_weights(n, k)
+    x = torch.randn(m, k)
+    xq, _ = _quantized_activations(x)
+    w = dequantize_int8_blocks(q, d)
+    assert torch.allclose(qmatmul.int8_gemm(x, q, d), xq @ w.T, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(qmatmul.int8_gemm(x, q, d), qmatmul.int8_linear(x, q, d), atol=1e-5)
+
+
+def test_int8_gemm_sums_the_extreme_5_bit_products_without_overflow():
+    # -16 against -127 and 15 against 127 in every position: each int16 lane sums 4
+    # maddubs of at most 2 * 31 * 127 (7874) after the +16 offset; 31496 < 2^15.
+    k = 64
+    q = torch.cat([torch.full((8, k), -16), torch.full((8, k), 15)]).to(torch.int8)
+    d = torch.full((16, k // 32), 0.01).half()
+    x = torch.cat([torch.full((1, k), -2.0), torch.full((1, k), 2.0)])
+    expected = x @ dequantize_int8_blocks(q, d).T
+    assert torch.allclose(qmatmul.int8_gemm(x, q, d), expected, rtol=1e-5)
+
+
+def test_int8_gemm_refuses_values_outside_5_bits_instead_of_wrapping_them():
+    q, d = _q5_weights(24, 64)
+    q[17, 40] = 16
+    assert not qmatmul.narrow_int8(q)
+    with pytest.raises(RuntimeError, match=r"int8 weights in -16\.\.15"):
+        qmatmul.int8_gemm(torch.randn(20, 64), q, d)

@@ -591,7 +591,7 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
   }
 }
 
-// ---- int4 x int8 GEMM for long prefills (AVX2) ----
+// ---- int4 / int5 x int8 GEMM for long prefills (AVX2) ----
 //
 // The decode kernels above walk one weight row at a time and convert, scale and add every
 // 8 blocks per activation row; for hundreds of rows an fp32 GEMM on float copies of the
@@ -611,6 +611,11 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
 // Activations are int8 per block of 32 as in the decode kernels, with the blocks' exact
 // float sums for the minimum term, so y[m, n] = sum_b dx[m,b] s[n,b] sum_{k in b} q x
 // + m[n,b] xsum[m,b].
+// int8 packs whose values lie in -16..15 (a GGUF's Q5_0 blocks: most of the 0.5B model)
+// go the same way as q + 16 (0..31): a maddubs lane then holds up to 2 * 31 * 127 = 7874,
+// so 4 maddubs (half a block) sum in int16, and the offset comes off as a per-row term,
+// y[m, n] = sum_b d[n,b] (dx[m,b] sum_{k in b} (q + 16) x  -  16 dx[m,b] sum_{k in b} x):
+// the same form, with s = m = d and xsum = -16 dx sum(x) over the int8 activations.
 constexpr int64_t kPanel = 8;    // output columns of a panel: one int32 lane each
 constexpr int kGemmRows = 2;     // activation rows of a register tile
 constexpr int kGemmPanels = 2;   // panels of a register tile
@@ -641,7 +646,7 @@ inline void transpose8x8(__m256i r[8]) {
 
 // Columns [n0, n0 + 8) of int4 packs -> one panel: wp [K/4][8][4] values 0..15, s and mn
 // [K/32][8] float (each block's scale and minimum). Columns at or past N are zero.
-void layout_panel(const uint8_t* qs, const uint16_t* sm, int64_t n0, int64_t N, int64_t K,
+void layout_panel_q4(const uint8_t* qs, const uint16_t* sm, int64_t n0, int64_t N, int64_t K,
                   int64_t group, uint8_t* wp, float* s, float* mn) {
   const int64_t ng = K / group, per_group = group / kBlock;
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
@@ -675,9 +680,43 @@ void layout_panel(const uint8_t* qs, const uint16_t* sm, int64_t n0, int64_t N, 
   }
 }
 
+// Columns [n0, n0 + 8) of int8 packs with values in -16..15 -> one panel: wp [K/4][8][4]
+// values q + 16 (0..31), s = mn = [K/32][8] block scales. Columns at or past N are zero.
+// Returns false if a value lies outside -16..15 (the panel is then unusable).
+bool layout_panel_q5(const int8_t* qw, const uint16_t* dw, int64_t n0, int64_t N, int64_t K,
+                     uint8_t* wp, float* s, float* mn) {
+  const int64_t nb = K / kBlock;
+  const __m256i offset = _mm256_set1_epi8(16);
+  __m256i largest = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v[kPanel];
+    for (int64_t l = 0; l < kPanel; ++l) {
+      if (n0 + l >= N) {
+        v[l] = _mm256_setzero_si256();
+        continue;
+      }
+      v[l] = _mm256_add_epi8(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n0 + l) * K + b * kBlock)),
+          offset);
+      largest = _mm256_max_epu8(largest, v[l]);  // -16..15 + 16 -> 0..31 as unsigned bytes
+    }
+    transpose8x8(v);
+    for (int j = 0; j < 8; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + (b * 8 + j) * 32), v[j]);
+    }
+    for (int64_t l = 0; l < kPanel; ++l) {
+      const float d = n0 + l < N ? half_to_float(dw[(n0 + l) * nb + b]) : 0.0f;
+      s[b * kPanel + l] = mn[b * kPanel + l] = d;
+    }
+  }
+  return _mm256_testz_si256(largest, _mm256_set1_epi8(static_cast<char>(0xE0)));
+}
+
 // Activation rows [m0, m0 + R) times P consecutive panels (wp, s, mn: the first; the next
 // follow at K * 8 bytes and K / 32 * 8 floats) into y columns [n0, n0 + 8P), those < N.
-template <int R, int P>
+// Q quads (4 inputs each) are summed in int16 before each widening: 8 for int4 panels, 4
+// for int5 ones (see above).
+template <int R, int P, int Q>
 void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t* xq,
                const float* dx, const float* xsum, float* y, int64_t m0, int64_t n0, int64_t N,
                int64_t K) {
@@ -686,14 +725,16 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
   __m256 acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  static_assert(Q == 4 || Q == 8, "a block is 8 quads");
   for (int64_t b = 0; b < nb; ++b) {
+   for (int64_t first = b * 8; first < b * 8 + 8; first += Q) {
     __m256i sums[R][P];  // int16, exact (see above)
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) sums[r][p] = _mm256_setzero_si256();
     // Unrolled, gcc regroups the 8 additions into a tree of 32 live maddubs results and
     // spills them; one quad per iteration keeps every sum in a register (1.7x faster).
 #pragma GCC unroll 1
-    for (int64_t q = b * 8; q < b * 8 + 8; ++q) {
+    for (int64_t q = first; q < first + Q; ++q) {
       __m256i xb[R];
       for (int r = 0; r < R; ++r) {
         int32_t quad;
@@ -716,9 +757,13 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
         const __m256 scale = _mm256_mul_ps(sv, _mm256_broadcast_ss(dx + (m0 + r) * nb + b));
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r][p], ones));
         acc[r][p] = _mm256_fmadd_ps(scale, dot, acc[r][p]);
-        acc[r][p] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xsum + (m0 + r) * nb + b), acc[r][p]);
+        if (first + Q == b * 8 + 8) {  // the block's per-row term, once
+          acc[r][p] =
+              _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xsum + (m0 + r) * nb + b), acc[r][p]);
+        }
       }
     }
+   }
   }
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
@@ -766,6 +811,75 @@ QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout l
   quantize_activations(xc.data_ptr<float>(), M, K, sums, layout, in.xq.data_ptr<int8_t>(),
                        in.dx.data_ptr<float>(), in.xsum.data_ptr<float>());
   return in;
+}
+
+// x [M, K] float32 -> its int8 activations per block of 32 (in input order), their scales
+// dx [M, K/32], and the per-row term of each block (xsum [M, K/32]): the exact float sums
+// for int4 panels, -16 dx sum(xq) for int5 ones. Rows in parallel.
+QuantizedInput quantize_gemm_input(const at::Tensor& x, bool int5) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
+  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
+  const at::Tensor xc = x.contiguous();
+  QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, nb}, x.options()),
+                    at::empty({M, nb}, x.options())};
+  const float* xp = xc.data_ptr<float>();
+  int8_t* xqp = in.xq.data_ptr<int8_t>();
+  float* dxp = in.dx.data_ptr<float>();
+  float* xsp = in.xsum.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    quantize_activations(xp + m0 * K, m1 - m0, K, !int5, ActivationLayout::kPlain,
+                         xqp + m0 * K, dxp + m0 * nb, xsp + m0 * nb);
+    if (!int5) return;
+    for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < kBlock; ++k) total += xqp[i * kBlock + k];
+      xsp[i] = -16.0f * dxp[i] * static_cast<float>(total);
+    }
+  });
+  return in;
+}
+
+// y [M, N] = the panels' columns times the quantized activations: output columns in groups
+// of kGemmPanels panels across intra-op threads, each group laid out once by `layout(n0,
+// wp, s, mn)` (false: a value out of range) and read by every activation row.
+template <int Q, typename Layout>
+at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, const Layout& layout) {
+  const int64_t M = in.xq.size(0), K = in.xq.size(1), nb = K / kBlock;
+  at::Tensor y = at::empty({M, N}, in.dx.options());
+  const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const float* dxp = in.dx.data_ptr<float>();
+  const float* xsp = in.xsum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  constexpr int64_t columns = kPanel * kGemmPanels;
+  std::atomic<bool> in_range{true};
+  at::parallel_for(0, (N + columns - 1) / columns, 1, [&](int64_t g0, int64_t g1) {
+    // This thread's panels, laid out once and read by every activation row.
+    std::vector<uint8_t> wp(kGemmPanels * K * kPanel);
+    std::vector<float> s(kGemmPanels * nb * kPanel), mn(kGemmPanels * nb * kPanel);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * columns;
+      for (int64_t p = 0; p < kGemmPanels; ++p) {
+        if (!layout(n0 + p * kPanel, wp.data() + p * K * kPanel, s.data() + p * nb * kPanel,
+                    mn.data() + p * nb * kPanel)) {
+          in_range.store(false);
+          return;
+        }
+      }
+      int64_t m = 0;
+      for (; m + kGemmRows <= M; m += kGemmRows) {
+        gemm_tile<kGemmRows, kGemmPanels, Q>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp,
+                                             m, n0, N, K);
+      }
+      for (; m < M; ++m) {
+        gemm_tile<1, kGemmPanels, Q>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp, m, n0,
+                                     N, K);
+      }
+    }
+  });
+  TORCH_CHECK(in_range.load(), "q8_gemm takes int8 weights in -16..15 (a GGUF's Q5_0 blocks); "
+              "these hold values outside that range");
+  return y;
 }
 
 }  // namespace
@@ -841,51 +955,42 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
                    int64_t group) {
   TORCH_CHECK(qs.scalar_type() == at::kByte && sm.scalar_type() == at::kHalf,
               "qs must be uint8 and sm float16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / kBlock;
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  const int64_t K = x.size(1), N = qs.size(0);
   TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0 && K % (2 * kBlock) == 0,
               "group must be a multiple of 32 dividing K (a multiple of 64), got group ", group,
               " and K ", K);
   TORCH_CHECK(qs.size(1) * 2 == K && sm.dim() == 3 && sm.size(0) == N &&
                   sm.size(1) == K / group && sm.size(2) == 2,
               "weight shapes do not match K = ", K);
-  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), sc = sm.contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, nb}, x.options()), xsum = at::empty({M, nb}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* dxp = dx.data_ptr<float>();
-  float* xsp = xsum.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    quantize_activations(xp + m0 * K, m1 - m0, K, true, ActivationLayout::kPlain, xqp + m0 * K,
-                         dxp + m0 * nb, xsp + m0 * nb);
-  });
-  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  constexpr int64_t columns = kPanel * kGemmPanels;
-  at::parallel_for(0, (N + columns - 1) / columns, 1, [&](int64_t g0, int64_t g1) {
-    // This thread's panels, laid out once and read by every activation row.
-    std::vector<uint8_t> wp(kGemmPanels * K * kPanel);
-    std::vector<float> s(kGemmPanels * nb * kPanel), mn(kGemmPanels * nb * kPanel);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n0 = g * columns;
-      for (int64_t p = 0; p < kGemmPanels; ++p) {
-        layout_panel(qp, sp, n0 + p * kPanel, N, K, group, wp.data() + p * K * kPanel,
-                     s.data() + p * nb * kPanel, mn.data() + p * nb * kPanel);
-      }
-      int64_t m = 0;
-      for (; m + kGemmRows <= M; m += kGemmRows) {
-        gemm_tile<kGemmRows, kGemmPanels>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp, m,
-                                          n0, N, K);
-      }
-      for (; m < M; ++m) {
-        gemm_tile<1, kGemmPanels>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp, m, n0, N, K);
-      }
-    }
-  });
-  return y;
+  return panel_gemm<8>(quantize_gemm_input(x, false), N,
+                       [&](int64_t n0, uint8_t* wp, float* s, float* mn) {
+                         layout_panel_q4(qp, sp, n0, N, K, group, wp, s, mn);
+                         return true;
+                       });
+}
+
+// x [M, K] float32, qw [N, K] int8 with every value in -16..15, scales [N, K/32] float16
+// -> [M, N] float32: the product q8_linear computes, for many activation rows. Weights
+// outside -16..15 are refused (RuntimeError), not wrapped.
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
+  TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
+              "qw must be int8 and scales float16");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  const int64_t K = x.size(1), N = qw.size(0);
+  TORCH_CHECK(qw.dim() == 2 && qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
+                  scales.size(1) * kBlock == K,
+              "weight shapes do not match K = ", K, " (scales must be [N, K/32])");
+  const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
+  const int8_t* wp8 = wc.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  return panel_gemm<4>(quantize_gemm_input(x, true), N,
+                       [&](int64_t n0, uint8_t* wp, float* s, float* mn) {
+                         return layout_panel_q5(wp8, sp, n0, N, K, wp, s, mn);
+                       });
 }
 
 // Weights expanded back to float for a long prefill, where an fp32 GEMM beats these
@@ -990,6 +1095,7 @@ std::string set_kernel_isa(std::string isa) {
 TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
   m.def("q4_gemm(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
+  m.def("q8_gemm(Tensor x, Tensor qw, Tensor scales) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
   m.def("q8_dequantize(Tensor qw, Tensor scales, Tensor(a!) out) -> ()");
   m.def("q4_dequantize(Tensor qs, Tensor sm, int group, Tensor(a!) out) -> ()");
@@ -1002,6 +1108,7 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
   m.impl("q4_linear", &ragqa::q4_linear);
   m.impl("q4_gemm", &ragqa::q4_gemm);
+  m.impl("q8_gemm", &ragqa::q8_gemm);
   m.impl("q8_linear", &ragqa::q8_linear);
   m.impl("q8_dequantize", &ragqa::q8_dequantize);
   m.impl("q4_dequantize", &ragqa::q4_dequantize);
