@@ -8,8 +8,11 @@ weight stored column-major as prefill keeps it (generation/quant.py `prefill_lay
 torch's weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels
 (generation/qmatmul.py). Reports median milliseconds per call and ratios of ragqa's kernels
 to the float baseline and to torch's kernel of the same width, and of the column-major
-float weight to the row-major one. Above 16 rows (where the engine takes the float path)
-only the float layouts are timed.
+float weight to the row-major one. Above 16 rows (where the engine prefills) the float
+layouts are timed against ragqa's integer prefill GEMMs (`RAGQA_PREFILL_WEIGHTS=integer`):
+`int4_gemm` on the int4 packs and `int8_gemm` on int8 packs of 5-bit values (-16..15, as
+a GGUF's Q5_0 blocks hold), except on the vocabulary projection, which prefill multiplies
+for one row only.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
 instead streams every layer's weights from memory once, so `decode_step` (int8) and
@@ -170,6 +173,7 @@ def main() -> None:
         q8b, s8b = quantize_int8_blocks(w)  # ours: a scale per block of 32
         qs, sm = qmatmul.pack_int4(q4, sz)
         del q4
+        q5 = torch.clamp(torch.round(q8b.float() / 8), -16, 15).to(torch.int8)  # 5-bit values
         for rows in (int(r) for r in args.rows.split(",") if r):
             x = torch.randn(rows, k).to(dtype)
             timing: dict[str, float] = {}
@@ -179,6 +183,17 @@ def main() -> None:
                     lambda: F.linear(x, w_columns),  # noqa: B023
                     args.repeat,
                 )
+                if rows > PREFILL_ROWS and name != "lm_head":
+                    timing |= {
+                        "ragqa_int4_gemm_ms": median_ms(
+                            lambda: qmatmul.int4_gemm(x, qs, sm, g),  # noqa: B023
+                            args.repeat,
+                        ),
+                        "ragqa_int8_gemm_5_bit_ms": median_ms(
+                            lambda: qmatmul.int8_gemm(x, q5, s8b),  # noqa: B023
+                            args.repeat,
+                        ),
+                    }
                 if rows <= PREFILL_ROWS:
                     timing |= {
                         "torch_int8_ms": median_ms(
@@ -209,6 +224,11 @@ def main() -> None:
                 "ragqa_int4_vs_torch_int4": ("ragqa_int4_ms", "torch_int4_ms"),
                 "ragqa_int8_vs_float": ("ragqa_int8_ms", "float_ms"),
                 "ragqa_int8_vs_torch_int8": ("ragqa_int8_ms", "torch_int8_ms"),
+                "ragqa_int4_gemm_vs_float": ("ragqa_int4_gemm_ms", "float_column_major_ms"),
+                "ragqa_int8_gemm_5_bit_vs_float": (
+                    "ragqa_int8_gemm_5_bit_ms",
+                    "float_column_major_ms",
+                ),
             }
             for label, (a, b) in ratios.items():
                 if a in timing and b in timing:
