@@ -142,7 +142,14 @@ class Engine:
         if dev.type == "cpu" and quantization != "none" and Path(path).is_dir():
             stored, matrix_values = checkpoint_weights(Path(path))
             prefill_weights = choose_prefill_weights(
-                prefill_weights, matrix_values * prefill_dt.itemsize, available_memory()
+                prefill_weights,
+                matrix_values * prefill_dt.itemsize,
+                available_memory(),
+                # int4 packs, and gguf's (int4 and Q5_0: 85 % of the 1.5B's and the
+                # 0.5B's matrices), where the float GEMM would be float32 (AVX2 CPUs)
+                integer=on_kernels
+                and prefill_dt == torch.float32
+                and quantization in ("int4", "gguf"),
             )
             # A quantized model loads in the dtype its checkpoint is stored in when that is
             # narrower (bfloat16 for float32), and quantize_model widens what stays float

@@ -19,9 +19,11 @@ from is `prefill_weights`:
   an AVX2 CPU about half the time of the fp32 GEMM (figures in README). The activations
   are rounded to int8 per block of 32, as in llama.cpp's prefill. Other int8 layers keep
   float copies, as with "float".
-- "auto": "float" when the float copies would take at most half of the memory the
-  system has available, else "quantized" (`choose_prefill_weights`; `Engine.load` asks
-  before loading the model, `quantize_model` when it is called).
+- "auto": "integer" where that GEMM would run most of the prefill and the float one would
+  be float32 (`Engine.load` decides); otherwise "float" when the float copies would take
+  at most half of the memory the system has available, else "quantized"
+  (`choose_prefill_weights`; `Engine.load` asks before loading the model,
+  `quantize_model` when it is called).
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ class QuantizedLinear(nn.Module):
         # without a scratch either, multiplies every call's rows on the packs.
         self.weight: nn.Parameter | None = dense.weight
         self.scratch: PrefillScratch | None = None
-        self.gemm = False  # long calls on the int4 GEMM (`prefill_on_gemm`)
+        self.gemm = False  # long calls on the integer GEMM (`prefill_on_gemm`)
         self.bias = dense.bias
         dtype = dtype or dense.weight.dtype
         if packed is None:
@@ -595,8 +597,14 @@ def checkpoint_weights(folder: Path) -> tuple[torch.dtype | None, int]:
     return dtype, matrix_values
 
 
-def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) -> str:
-    """ "float" or "quantized" for a prefill_weights setting (see the module's docstring).
+def choose_prefill_weights(
+    asked: str, float_bytes: int, available: int | None, *, integer: bool = False
+) -> str:
+    """ "float", "quantized" or "integer" for a prefill_weights setting (module docstring).
+
+    `integer`: whether the integer GEMM would run most of the prefill (int4 or gguf packs
+    on ragqa's kernels) and the floats would be float32 (no faster bfloat16 GEMM on this
+    CPU); "auto" then takes it, faster than either float path and without their memory.
 
     `float_bytes` is what the float copies take, `available` what the system has free
     (`Engine.load` asks before loading the model). "auto" keeps the copies when they take
@@ -609,6 +617,8 @@ def choose_prefill_weights(asked: str, float_bytes: int, available: int | None) 
         raise ValueError(f"prefill_weights must be one of {PREFILL_WEIGHTS}, got {asked!r}")
     if asked != "auto":
         return asked
+    if integer:
+        return "integer"
     if available is None or float_bytes <= available // 2:
         return "float"
     return "quantized"

@@ -439,6 +439,10 @@ def test_auto_prefill_weights_keeps_floats_only_when_they_take_half_the_memory_o
     assert choose_prefill_weights("auto", 6, None) == "float"  # unknown: the faster one
     assert choose_prefill_weights("quantized", 1, 10**12) == "quantized"
     assert choose_prefill_weights("float", 10**12, 1) == "float"
+    # where the integer GEMM applies, auto takes it whatever the memory; asked ones stay
+    assert choose_prefill_weights("auto", 5, 10, integer=True) == "integer"
+    assert choose_prefill_weights("auto", 6, 10, integer=True) == "integer"
+    assert choose_prefill_weights("float", 5, 10, integer=True) == "float"
     with pytest.raises(
         ValueError, match=r"one of \('auto', 'float', 'quantized', 'integer'\), got 'int8'"
     ):
@@ -504,6 +508,20 @@ def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
     ids = torch.tensor([list(range(5, 45))])
     with torch.inference_mode():
         assert torch.equal(narrow.model(ids).logits, wide.model(ids).logits)
+
+
+@pytest.mark.parametrize(("quantization", "expected"), [("int4", "integer"), ("int8", "float")])
+def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_in_float32(
+    tiny_bf16_model_dir, kernels, quantization, expected
+):
+    _, report = Engine.load(
+        tiny_bf16_model_dir,
+        dtype="float32",
+        quantization=quantization,
+        group_size=32,
+        prefill_weights="auto",
+    )
+    assert report.prefill_weights == expected
 
 
 def test_auto_prefill_weights_follow_the_memory_available_before_loading(
