@@ -727,43 +727,48 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
     for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
   static_assert(Q == 4 || Q == 8, "a block is 8 quads");
   for (int64_t b = 0; b < nb; ++b) {
-   for (int64_t first = b * 8; first < b * 8 + 8; first += Q) {
-    __m256i sums[R][P];  // int16, exact (see above)
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) sums[r][p] = _mm256_setzero_si256();
-    // Unrolled, gcc regroups the 8 additions into a tree of 32 live maddubs results and
-    // spills them; one quad per iteration keeps every sum in a register (1.7x faster).
+    __m256i block[R][P];  // int32: the block's sums, exact
+    for (int64_t first = b * 8; first < b * 8 + 8; first += Q) {
+      __m256i sums[R][P];  // int16, exact (see above)
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) sums[r][p] = _mm256_setzero_si256();
+      // Unrolled, gcc regroups the 8 additions into a tree of 32 live maddubs results and
+      // spills them; one quad per iteration keeps every sum in a register (1.7x faster).
 #pragma GCC unroll 1
-    for (int64_t q = first; q < first + Q; ++q) {
-      __m256i xb[R];
-      for (int r = 0; r < R; ++r) {
-        int32_t quad;
-        std::memcpy(&quad, xq + (m0 + r) * K + q * 4, sizeof quad);
-        xb[r] = _mm256_set1_epi32(quad);
-      }
-      for (int p = 0; p < P; ++p) {
-        const __m256i w =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + p * panel_bytes + q * 32));
+      for (int64_t q = first; q < first + Q; ++q) {
+        __m256i xb[R];
         for (int r = 0; r < R; ++r) {
-          sums[r][p] = _mm256_add_epi16(sums[r][p], _mm256_maddubs_epi16(w, xb[r]));
-          asm volatile("" : "+x"(sums[r][p]));  // keeps the chain in order (see above)
+          int32_t quad;
+          std::memcpy(&quad, xq + (m0 + r) * K + q * 4, sizeof quad);
+          xb[r] = _mm256_set1_epi32(quad);
+        }
+        for (int p = 0; p < P; ++p) {
+          const __m256i w =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + p * panel_bytes + q * 32));
+          for (int r = 0; r < R; ++r) {
+            sums[r][p] = _mm256_add_epi16(sums[r][p], _mm256_maddubs_epi16(w, xb[r]));
+            asm volatile("" : "+x"(sums[r][p]));  // keeps the chain in order (see above)
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int p = 0; p < P; ++p) {
+          const __m256i wide = _mm256_madd_epi16(sums[r][p], ones);
+          block[r][p] = Q == 8 || first == b * 8 ? wide : _mm256_add_epi32(block[r][p], wide);
         }
       }
     }
+    // Floats once a block: its scale times its sums, and its per-row term.
     for (int p = 0; p < P; ++p) {
       const __m256 sv = _mm256_loadu_ps(s + p * panel_scales + b * kPanel);
       const __m256 mv = _mm256_loadu_ps(mn + p * panel_scales + b * kPanel);
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_mul_ps(sv, _mm256_broadcast_ss(dx + (m0 + r) * nb + b));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r][p], ones));
-        acc[r][p] = _mm256_fmadd_ps(scale, dot, acc[r][p]);
-        if (first + Q == b * 8 + 8) {  // the block's per-row term, once
-          acc[r][p] =
-              _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xsum + (m0 + r) * nb + b), acc[r][p]);
-        }
+        acc[r][p] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(block[r][p]), acc[r][p]);
+        acc[r][p] =
+            _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xsum + (m0 + r) * nb + b), acc[r][p]);
       }
     }
-   }
   }
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
