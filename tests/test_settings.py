@@ -91,6 +91,6 @@ def test_prefill_weights_setting_is_read_and_unknown_values_are_rejected(monkeyp
     assert Settings().prefill_weights == "quantized"
     monkeypatch.setenv("RAGQA_PREFILL_WEIGHTS", "int8")
     with pytest.raises(
-        ValidationError, match=r"prefill_weights[\s\S]*'auto', 'float' or 'quantized'"
+        ValidationError, match=r"prefill_weights[\s\S]*'auto', 'float', 'quantized' or 'integer'"
     ):
         Settings()
