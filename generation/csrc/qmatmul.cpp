@@ -600,8 +600,8 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
 // only if few instructions are spent per maddubs: with 4-bit weights (0..15) and int8
 // activations (|x| <= 127), one maddubs lane holds at most 2 * 15 * 127 = 3810, so the
 // 8 maddubs of a block of 32 inputs sum exactly in int16 (8 * 3810 < 2^15) before one
-// madd widens them and one multiply-add scales them: ~2.6 instructions per maddubs
-// instead of llama.cpp's ~5.
+// madd widens them and one multiply-add scales them: about 3 instructions per maddubs
+// where llama.cpp's form (sign, maddubs, madd, convert, multiply-add) takes 5.
 //
 // Layout: an output column's 4 consecutive inputs sit in one int32 lane, 8 output
 // columns side by side (a "panel": [K/4][8][4] bytes, one value 0..15 a byte), so one
@@ -619,8 +619,8 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
 constexpr int64_t kPanel = 8;    // output columns of a panel: one int32 lane each
 constexpr int kGemmRows = 2;     // activation rows of a register tile
 constexpr int kGemmPanels = 2;   // panels of a register tile
-// 2 x 2 keeps 4 int16 sums, 4 float accumulators, 2 broadcasts and a weight vector in
-// registers. In a throwaway C++ copy of this loop on machine S (Zen 3), 624 x 1536 rows by
+// 2 x 2 keeps 4 int16 sums (and for 5-bit panels 4 int32 block sums), 4 float
+// accumulators, 2 broadcasts and a weight vector in registers. In a throwaway C++ copy of this loop on machine S (Zen 3), 624 x 1536 rows by
 // 8960 columns, one run each while an install ran beside it, 3 x 2 ran as fast with two
 // threads and 0.96x as fast with one; 2 x 3 0.82-0.92x; 4 x 1 and 1 x 4 0.47-0.65x.
 
@@ -647,7 +647,7 @@ inline void transpose8x8(__m256i r[8]) {
 // Columns [n0, n0 + 8) of int4 packs -> one panel: wp [K/4][8][4] values 0..15, s and mn
 // [K/32][8] float (each block's scale and minimum). Columns at or past N are zero.
 void layout_panel_q4(const uint8_t* qs, const uint16_t* sm, int64_t n0, int64_t N, int64_t K,
-                  int64_t group, uint8_t* wp, float* s, float* mn) {
+                     int64_t group, uint8_t* wp, float* s, float* mn) {
   const int64_t ng = K / group, per_group = group / kBlock;
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   for (int64_t c = 0; c < K / (2 * kBlock); ++c) {  // 64 inputs: 32 bytes of each column
