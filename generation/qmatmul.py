@@ -163,7 +163,10 @@ def int8_gemm(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.
 
 def narrow_int8(qw: torch.Tensor) -> bool:
     """Whether int8 packs hold only -16..15 (a GGUF's Q5_0 blocks), as `int8_gemm` needs."""
-    return qw.numel() > 0 and int(qw.min()) >= -16 and int(qw.max()) <= 15
+    if qw.numel() == 0:
+        return False
+    low, high = torch.aminmax(qw)  # one pass over the packs
+    return int(low) >= -16 and int(high) <= 15
 
 
 def int8_linear(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -295,22 +295,17 @@ class QuantizedLinear(nn.Module):
         self.weight = None
         self.scratch = scratch
 
-    def gemm_ready(self) -> bool:
-        """Whether long calls can run on an integer GEMM: int4 packs, or int8 packs whose
-        values all lie in -16..15 (a GGUF's Q5_0 blocks), on ragqa's kernels."""
-        return self.kernel and (self.mode == "int4" or qmatmul.narrow_int8(self.qweight))
-
-    def prefill_on_gemm(self) -> None:
-        """Free the float weight: long calls then run on the integer GEMM (prefill_weights
-        "integer"), which reads the packs the decode steps read."""
-        if not self.gemm_ready():
-            raise ValueError(
-                "the integer prefill GEMM needs int4 packs or int8 ones within -16..15, "
-                "and ragqa's kernels"
-            )
+    def prefill_on_gemm(self) -> bool:
+        """Move long calls onto the integer GEMM (prefill_weights "integer"), which reads
+        the packs the decode steps read, and free the float weight, where the packs allow
+        it: int4, or int8 whose values all lie in -16..15 (a GGUF's Q5_0 blocks), on
+        ragqa's kernels. Returns whether they did (else nothing changes)."""
+        if not (self.kernel and (self.mode == "int4" or qmatmul.narrow_int8(self.qweight))):
+            return False
         self.weight = None
         self.scratch = None
         self.gemm = True
+        return True
 
     @staticmethod
     def quantize(weight: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
@@ -333,16 +328,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""
         rows = x.numel() // self.in_features
-        if rows > self.prefill_rows and self.gemm:
-            flat = x.reshape(rows, self.in_features)
-            if self.mode == "int4":
-                y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size)
-            else:
-                y = qmatmul.int8_gemm(flat, self.qweight, self.scales)
-            y = y.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
+        long_gemm = rows > self.prefill_rows and self.gemm
         has_float = self.weight is not None or self.scratch is not None
         if rows > self.prefill_rows and has_float:
             # Members of a sibling group too: stacked, their outputs would be strided
@@ -356,10 +342,15 @@ class QuantizedLinear(nn.Module):
             # whose packs were expanded into the float32 scratch.
             y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if self.siblings is not None:
+        # A long call on the GEMM skips the stack too, for the reason given above.
+        if self.siblings is not None and not long_gemm:
             return self.siblings.output(x, self).reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
-        if self.kernel and self.mode == "int8":
+        if long_gemm and self.mode == "int8":
+            y = qmatmul.int8_gemm(flat, self.qweight, self.scales).to(x.dtype)
+        elif long_gemm:
+            y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
+        elif self.kernel and self.mode == "int8":
             y = qmatmul.int8_linear(flat, self.qweight, self.scales).to(x.dtype)
         elif self.kernel:
             y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
@@ -758,8 +749,7 @@ def quantize_model(
                 # (the 1.5B: 0.93 GB in float32).
                 quantized.drop_float_weight(None)
                 _drop_weight(linear)
-            elif prefill_weights == "integer" and quantized.gemm_ready():
-                quantized.prefill_on_gemm()
+            elif prefill_weights == "integer" and quantized.prefill_on_gemm():
                 if not tied:
                     _drop_weight(linear)
                 dropped += 1

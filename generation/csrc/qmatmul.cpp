@@ -810,33 +810,35 @@ QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout l
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   const at::Tensor xc = x.contiguous();
+  const int64_t nb = K / kBlock;
   QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)),
-                    at::empty({M, K / kBlock}, x.options()),
-                    at::empty({M, sums ? K / kBlock : 0}, x.options())};
-  quantize_activations(xc.data_ptr<float>(), M, K, sums, layout, in.xq.data_ptr<int8_t>(),
-                       in.dx.data_ptr<float>(), in.xsum.data_ptr<float>());
+                    at::empty({M, nb}, x.options()), at::empty({M, sums ? nb : 0}, x.options())};
+  const float* xp = xc.data_ptr<float>();
+  int8_t* xqp = in.xq.data_ptr<int8_t>();
+  float* dxp = in.dx.data_ptr<float>();
+  float* xsp = in.xsum.data_ptr<float>();
+  // Rows in parallel for a prefill's hundreds; a decode step's few (at most 16) stay on
+  // the calling thread.
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    quantize_activations(xp + m0 * K, m1 - m0, K, sums, layout, xqp + m0 * K, dxp + m0 * nb,
+                         sums ? xsp + m0 * nb : xsp);
+  });
   return in;
 }
 
 // x [M, K] float32 -> its int8 activations per block of 32 (in input order), their scales
 // dx [M, K/32], and the per-row term of each block (xsum [M, K/32]): the exact float sums
-// for int4 panels, -16 dx sum(xq) for int5 ones. Rows in parallel.
+// for int4 panels, -16 dx sum(xq) for int5 ones.
 QuantizedInput quantize_gemm_input(const at::Tensor& x, bool int5) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
-  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
-  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
-  const at::Tensor xc = x.contiguous();
-  QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, nb}, x.options()),
-                    at::empty({M, nb}, x.options())};
-  const float* xp = xc.data_ptr<float>();
-  int8_t* xqp = in.xq.data_ptr<int8_t>();
-  float* dxp = in.dx.data_ptr<float>();
+  QuantizedInput in = quantize_input(x, !int5, ActivationLayout::kPlain);
+  if (!int5) return in;
+  const int64_t M = in.dx.size(0), nb = in.dx.size(1);
+  in.xsum = at::empty({M, nb}, in.dx.options());
+  const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const float* dxp = in.dx.data_ptr<float>();
   float* xsp = in.xsum.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    quantize_activations(xp + m0 * K, m1 - m0, K, !int5, ActivationLayout::kPlain,
-                         xqp + m0 * K, dxp + m0 * nb, xsp + m0 * nb);
-    if (!int5) return;
-    for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
+  at::parallel_for(0, M * nb, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
       int32_t total = 0;
       for (int64_t k = 0; k < kBlock; ++k) total += xqp[i * kBlock + k];
       xsp[i] = -16.0f * dxp[i] * static_cast<float>(total);
