@@ -12,7 +12,9 @@ that form exactly, float16 scale and minimum per 32 weights. Q8_0 and Q5_0 tenso
 0.5B's) are int8 blocks of 32 with a float16 scale, the int8 kernel's form: taken as they
 are too.
 Other types (Q6_K: the 1.5B's vocabulary projection and half its down and v projections)
-become int8 per block of 32 from the float weights, as `int8` does.
+become int8 per block of 32 from the float weights, as `int8` does, for decode steps.
+Q6_K tensors keep their blocks too, as `unpack_q6_k` gives them, for the integer GEMM of
+a long prefill (`qmatmul.int6_gemm`), which then needs no float copy of them.
 
 q, k and v (and gate and up) run as one stacked kernel call, which needs one form for all
 of them: where the GGUF stores them in different types, all take int8.
@@ -144,6 +146,49 @@ def unpack_q5_0(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(q.reshape(n, k)), torch.from_numpy(d)
 
 
+def unpack_q6_k(raw: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q6_K blocks of an [n, k] tensor -> the 6-bit GEMM packs (`qmatmul.int6_gemm`):
+    q6 [n, k] int8 values -32..31, q6_scales [n, k/16] int8 and q6_d [n, k/256] float16,
+    w = q * scale * d.
+
+    A block of 256 weights is 210 bytes: 128 bytes of low nibbles, 64 of top bit pairs, 16
+    int8 scales (one per 16 weights, in order) and float16 d. Each half of 128 weights
+    takes 64 nibble bytes and 32 bit-pair bytes: nibble byte l holds weight l in its low
+    nibble and 64 + l in its high one, byte 32 + l weights 32 + l and 96 + l; bit-pair byte
+    l holds the top bits of weights l, 32 + l, 64 + l and 96 + l, two bits each from the
+    lowest. Stored as q + 32 (0..63).
+    """
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 256, 210)
+    nibbles = blocks[:, :128].reshape(-1, 2, 2, 32)  # [B, half, byte 0-31 / 32-63, l]
+    pairs = blocks[:, 128:192].reshape(-1, 2, 1, 32)  # [B, half, 1, l]
+    low = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=2)  # weights l + 32 j, j = 0..3
+    top = (pairs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    q = (low | (top << 4)).view(np.int8) - np.int8(32)  # [B, half, 4, 32]
+    scales = blocks[:, 192:208].copy().view(np.int8)
+    d = blocks[:, 208:210].copy().view(np.float16)
+    return {
+        "q6": torch.from_numpy(q.reshape(n, k)),
+        "q6_scales": torch.from_numpy(scales.reshape(n, k // 16)),
+        "q6_d": torch.from_numpy(d.reshape(n, k // 256)),
+    }
+
+
+def dequantize_q6_k(packs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`unpack_q6_k`'s packs -> the float32 weights [n, k] they stand for."""
+    q, scales, d = packs["q6"], packs["q6_scales"], packs["q6_d"]
+    n, k = q.shape
+    w = q.float().reshape(n, k // 16, 16) * scales.float().unsqueeze(-1)
+    return (w.reshape(n, k // 256, 256) * d.float().unsqueeze(-1)).reshape(n, k)
+
+
+def _int4_values(packs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return dequantize_int4(packs["qweight"], packs["scales"], GROUP)
+
+
+def _int8_values(packs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return dequantize_int8_blocks(packs["qweight"], packs["scales"])
+
+
 _UNPACK = {"Q4_K": unpack_q4_k, "Q4_1": unpack_q4_1, "Q8_0": unpack_q8_0, "Q5_0": unpack_q5_0}
 
 
@@ -187,38 +232,66 @@ class GgufPacks:
         cannot give as they are.
         """
         mode = self.mode_of(module)
-        kind = self.type_of(module)
+        tensor = self._tensors.get(gguf_name(module) or "")
         n, k = weight.shape
         if mode == "int4" and not qmatmul.supports_int4(k, GROUP):
             mode = "int8"  # the int4 kernel reads blocks in pairs: rows of 64k inputs
-        if kind is not None and _EXACT.get(kind) == mode:
-            tensor = self._tensors[gguf_name(module) or ""]
-            shape = tensor.shape
+        if tensor is not None and _EXACT.get(tensor.type_name) == mode:
             packs = None
-            if shape == (n, k):
-                q, scales = _UNPACK[kind](tensor.data, n, k)
-                packs = self._in_model_order(module, mode, q, scales, weight)
+            if tensor.shape == (n, k):
+                q, scales = _UNPACK[tensor.type_name](tensor.data, n, k)
+                packs = self._in_model_order(
+                    module,
+                    {"qweight": q, "scales": scales},
+                    _int4_values if mode == "int4" else _int8_values,
+                    weight,
+                    {"scales": 1} if mode == "int4" else None,  # int4 scales: [K/32, N, 2]
+                )
             if packs is not None:
                 return mode, packs
-            # Another model's GGUF, or rows in an order not known here: the model's own
-            # weights are the truth.
-            logger.warning(
-                "%s: %s (%s, shape %s) does not hold the values of the model's %s [%d, %d]; "
-                "packing that projection as int8 from the model's weights",
-                self.path,
-                tensor.name,
-                kind,
-                list(shape),
-                module,
-                n,
-                k,
-            )
-        return "int8", quantize_int8(weight)
+            self._warn_not_the_models(module, tensor.name, tensor.type_name, tensor.shape, n, k)
+        packs = quantize_int8(weight)
+        if tensor is not None and tensor.type_name == "Q6_K" and qmatmul.supports_int6(k):
+            # Decode steps read the int8 packs; the blocks serve the integer prefill GEMM.
+            gemm = None
+            if tensor.shape == (n, k):
+                gemm = self._in_model_order(
+                    module, unpack_q6_k(tensor.data, n, k), dequantize_q6_k, weight
+                )
+            if gemm is None:
+                self._warn_not_the_models(module, tensor.name, "Q6_K", tensor.shape, n, k)
+            else:
+                packs = {**packs, **gemm}
+        return "int8", packs
+
+    def _warn_not_the_models(
+        self, module: str, tensor: str, kind: str, shape: tuple[int, ...], n: int, k: int
+    ) -> None:
+        # Another model's GGUF, or rows in an order not known here: the model's own
+        # weights are the truth.
+        logger.warning(
+            "%s: %s (%s, shape %s) does not hold the values of the model's %s [%d, %d]; "
+            "packing that projection as int8 from the model's weights",
+            self.path,
+            tensor,
+            kind,
+            list(shape),
+            module,
+            n,
+            k,
+        )
 
     def _in_model_order(
-        self, module: str, mode: str, q: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor
+        self,
+        module: str,
+        packs: dict[str, torch.Tensor],
+        values: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        weight: torch.Tensor,
+        row_dims: dict[str, int] | None = None,
     ) -> dict[str, torch.Tensor] | None:
-        """The packs with their rows in the model's order, checked against its weight [N, K].
+        """`packs` with their rows in the model's order, checked against its weight [N, K]
+        by `values` (packs of some rows -> their float weights). A pack's rows run along
+        dimension 0 unless `row_dims` names another.
 
         llama.cpp's converter reorders the rows of q and k for Llama-architecture models
         (each head's two rotary halves interleaved), which transformers undoes on loading;
@@ -232,7 +305,14 @@ class GgufPacks:
             # GGUF row r holds the model's row interleaved[r]: the inverse puts them back.
             interleaved = torch.arange(n).reshape(heads, 2, n // heads // 2).transpose(1, 2)
             orders.append(torch.argsort(interleaved.reshape(n)))
-        row_dim = 1 if mode == "int4" else 0  # int4 scales are [K/32, N, 2]
+        dims = row_dims or {}
+
+        def rows_of(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {
+                key: pack.index_select(dims.get(key, 0), index).contiguous()
+                for key, pack in packs.items()
+            }
+
         # Rows spread over the whole tensor, every head's among them: another model's values
         # differ in every row and a wrong order moves all but a few rows of each head, so a
         # sample tells them apart as the whole did, for a fraction of the dequantization
@@ -240,19 +320,11 @@ class GgufPacks:
         sample = torch.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().long().unique()
         reference = weight[sample].float()
         for order in orders:
-            rows = sample if order is None else order[sample]
-            qs, ss = q[rows], scales.index_select(row_dim, rows)
-            if mode == "int4":
-                values = dequantize_int4(qs, ss, GROUP)
-            else:
-                values = dequantize_int8_blocks(qs, ss)
+            found = values(rows_of(sample if order is None else order[sample]))
             # Taken as they are, the packs differ from the checkpoint by its bfloat16 rounding
             # (about 1e-3 of the weights' mean magnitude); rows out of order, by about 1x.
-            if (values - reference).abs().mean() <= 0.01 * reference.abs().mean():
+            if (found - reference).abs().mean() <= 0.01 * reference.abs().mean():
                 if order is None:
-                    return {"qweight": q.contiguous(), "scales": scales.contiguous()}
-                return {
-                    "qweight": q[order].contiguous(),
-                    "scales": scales.index_select(row_dim, order).contiguous(),
-                }
+                    return {key: pack.contiguous() for key, pack in packs.items()}
+                return rows_of(order)
         return None

@@ -109,6 +109,11 @@ def supports_int4(in_features: int, group_size: int) -> bool:
     return group_size % BLOCK == 0 and in_features % group_size == 0 and in_features % 64 == 0
 
 
+def supports_int6(in_features: int) -> bool:
+    # 6-bit packs are a GGUF's Q6_K blocks: 256 inputs each.
+    return in_features % 256 == 0
+
+
 def supports_int8(in_features: int) -> bool:
     return in_features % BLOCK == 0
 
@@ -159,6 +164,16 @@ def int8_gemm(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.
     """What `int8_linear` computes, for a long prefill, where every weight value lies in
     -16..15 (`narrow_int8`): x [M, K] (any float dtype) -> [M, N] float32."""
     return torch.ops.ragqa_qmatmul.q8_gemm(x.float(), qw, scales)
+
+
+def int6_gemm(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] (any float dtype) times the weights of a GGUF's Q6_K blocks, w = q * scale
+    * d: q [N, K] int8 in -32..31, scales [N, K/16] int8, d [N, K/256] float16 (K a
+    multiple of 256; `gguf_packs.unpack_q6_k`) -> [M, N] float32, on the integer GEMM.
+    Values outside -32..31 raise RuntimeError."""
+    return torch.ops.ragqa_qmatmul.q6_gemm(x.float(), q, scales, d)
 
 
 def narrow_int8(qw: torch.Tensor) -> bool:

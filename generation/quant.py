@@ -16,9 +16,10 @@ from is `prefill_weights`:
 - "integer": int4 layers, and int8 ones whose values lie in -16..15 (a GGUF's Q5_0
   blocks), multiply a long call's rows on an int8-activation GEMM (`qmatmul.int4_gemm`,
   `int8_gemm`), which lays their packs out in panels as it goes: no float copy, and on
-  an AVX2 CPU about half the time of the fp32 GEMM (figures in README). The activations
-  are rounded to int8 per block of 32, as in llama.cpp's prefill. Other int8 layers keep
-  float copies, as with "float".
+  an AVX2 CPU about half the time of the fp32 GEMM (figures in README). So do int8
+  layers whose GGUF holds Q6_K blocks, on those blocks (`GEMM_PACKS`, `qmatmul.int6_gemm`).
+  The activations are rounded to int8 per block of 32, as in llama.cpp's prefill. Other
+  int8 layers keep float copies, as with "float".
 - "auto": "integer" where that GEMM would run most of the prefill and the float one would
   be float32 (`Engine.load` decides); otherwise "float" when the float copies would take
   at most half of the memory the system has available, else "quantized"
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 MODES = ("none", "int8", "int4", "gguf")
 PREFILL_WEIGHTS = ("auto", "float", "quantized", "integer")
 GGUF_GROUP = 32  # the int4 group of gguf packs: Q4_K's sub-block, Q4_1's block
+# Packs an int8 layer may carry beside its decode packs for the integer prefill GEMM: a
+# GGUF's Q6_K blocks (`gguf_packs.unpack_q6_k`).
+GEMM_PACKS = ("q6", "q6_scales", "q6_d")
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
 
@@ -227,6 +231,8 @@ class QuantizedLinear(nn.Module):
         self.weight: nn.Parameter | None = dense.weight
         self.scratch: PrefillScratch | None = None
         self.gemm = False  # long calls on the integer GEMM (`prefill_on_gemm`)
+        # An int8 layer's 6-bit blocks for that GEMM (GEMM_PACKS), where it has them.
+        self.six_bit: tuple[torch.Tensor, ...] | None = None
         self.bias = dense.bias
         dtype = dtype or dense.weight.dtype
         if packed is None:
@@ -245,6 +251,8 @@ class QuantizedLinear(nn.Module):
         if mode == "int8" and use_kernel:
             self.register_buffer("qweight", packed["qweight"], persistent=False)
             self.register_buffer("scales", packed["scales"].half(), persistent=False)
+            if all(key in packed for key in GEMM_PACKS):
+                self.six_bit = tuple(packed[key] for key in GEMM_PACKS)
         elif mode == "int8":
             # torch's kernel takes one scale per output row: quantize the float weight
             # (kept for prefill anyway) that way, whatever the packed form holds.
@@ -296,11 +304,17 @@ class QuantizedLinear(nn.Module):
         self.scratch = scratch
 
     def prefill_on_gemm(self) -> bool:
-        """Move long calls onto the integer GEMM (prefill_weights "integer"), which reads
-        the packs the decode steps read, and free the float weight, where the packs allow
-        it: int4, or int8 whose values all lie in -16..15 (a GGUF's Q5_0 blocks), on
-        ragqa's kernels. Returns whether they did (else nothing changes)."""
-        if not (self.kernel and (self.mode == "int4" or qmatmul.narrow_int8(self.qweight))):
+        """Move long calls onto the integer GEMM (prefill_weights "integer") and free the
+        float weight, where the packs allow it, on ragqa's kernels: int4, int8 whose values
+        all lie in -16..15 (a GGUF's Q5_0 blocks), both read as the decode steps read them,
+        or int8 with 6-bit blocks beside them (`six_bit`). Returns whether they did (else
+        nothing changes)."""
+        if not (
+            self.kernel
+            and (
+                self.mode == "int4" or self.six_bit is not None or qmatmul.narrow_int8(self.qweight)
+            )
+        ):
             return False
         self.weight = None
         self.scratch = None
@@ -346,7 +360,9 @@ class QuantizedLinear(nn.Module):
         if self.siblings is not None and not long_gemm:
             return self.siblings.output(x, self).reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(rows, self.in_features)
-        if long_gemm and self.mode == "int8":
+        if long_gemm and self.six_bit is not None:
+            y = qmatmul.int6_gemm(flat, *self.six_bit).to(x.dtype)
+        elif long_gemm and self.mode == "int8":
             y = qmatmul.int8_gemm(flat, self.qweight, self.scales).to(x.dtype)
         elif long_gemm:
             y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
@@ -504,7 +520,9 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     # int8 is "-b32": its scales went from one per row to one per block of 32, and a
     # cache of the old layout must not be read as the new one.
-    suffix = {"int4": f"-g{group_size}", "gguf": ""}.get(mode, f"-b{qmatmul.BLOCK}")
+    # gguf is "-q6k": it holds Q6_K blocks for the integer GEMM (GEMM_PACKS), which a cache
+    # written before would lack, leaving those layers on float copies.
+    suffix = {"int4": f"-g{group_size}", "gguf": "-q6k"}.get(mode, f"-b{qmatmul.BLOCK}")
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
@@ -714,9 +732,13 @@ def quantize_model(
         if from_cache
         else contextlib.nullcontext()
     ) as stored:
+        stored_keys = set(stored.keys()) if stored is not None else set()
         for index, (name, linear) in enumerate(targets):
             if stored is not None:
-                packed = {key: stored.get_tensor(f"{name}.{key}") for key in ("qweight", "scales")}
+                keys = ("qweight", "scales")
+                if prefill_weights == "integer" and f"{name}.{GEMM_PACKS[0]}" in stored_keys:
+                    keys += GEMM_PACKS
+                packed = {key: stored.get_tensor(f"{name}.{key}") for key in keys}
             elif from_gguf is not None:
                 _, packed = from_gguf.pack(
                     name,
@@ -769,6 +791,8 @@ def quantize_model(
             elif (dtype or linear.weight.dtype) == torch.float32 and not tied:
                 quantized.weight = prefill_layout(linear.weight)
                 _drop_weight(linear)
+            if not quantized.gemm:
+                quantized.six_bit = None  # read by the GEMM only
             if dtype is not None:
                 _widen(quantized, dtype, narrow_kept)  # the bias, and a weight kept as it is
             parent_name, _, child = name.rpartition(".")
@@ -799,8 +823,8 @@ def quantize_model(
     if prefill_weights == "integer" and dropped == 0:
         # int8 packs only, or no kernels: every layer kept its float weight.
         logger.warning(
-            "prefill_weights integer needs int4 packs (or int8 within -16..15) and ragqa's "
-            "kernels; float weights kept"
+            "prefill_weights integer needs int4 packs (or int8 within -16..15, or Q6_K "
+            "blocks) and ragqa's kernels; float weights kept"
         )
         prefill_weights = "float"
     logger.info(

@@ -14,16 +14,19 @@ from generation.engine import Engine
 from generation.gguf_file import GgufFile
 from generation.gguf_packs import (
     GgufPacks,
+    dequantize_q6_k,
     find_gguf,
     gguf_name,
     unpack_q4_1,
     unpack_q4_k,
     unpack_q5_0,
+    unpack_q6_k,
     unpack_q8_0,
 )
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import (
+    GEMM_PACKS,
     QuantizedLinear,
     cache_path,
     dequantize_int4,
@@ -35,6 +38,7 @@ from tests.conftest import MODEL_DIR
 KERNELS = qmatmul.load()
 Q4_K, Q4_1 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_1
 Q5_0, Q8_0 = GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0
+Q6_K = GGMLQuantizationType.Q6_K
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,26 @@ def q4_k_blocks(n: int, k: int, seed: int) -> np.ndarray:
         values = (rng.uniform(0.5, 1.0, len(raw)) * 2e-3).astype(np.float16)
         raw[:, column : column + 2] = values.view(np.uint8).reshape(-1, 2)
     return raw.reshape(n, k // 256 * 144)
+
+
+def q6_k_blocks(n: int, k: int, seed: int) -> np.ndarray:
+    """Random Q6_K bytes [n, k/256 * 210]: any values and scales, a float16 d that gives
+    weights of a real model's size (~0.05)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // 256, 210), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.0, len(raw)) * 3e-5).astype(np.float16)
+    raw[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, k // 256 * 210)
+
+
+def test_q6_k_blocks_unpack_to_the_values_ggufs_own_dequantizer_gives():
+    raw = q6_k_blocks(6, 512, seed=2)
+    packs = unpack_q6_k(raw, 6, 512)
+    assert packs["q6"].dtype == torch.int8 and packs["q6_scales"].shape == (6, 32)
+    assert int(packs["q6"].min()) == -32 and int(packs["q6"].max()) == 31
+    assert packs["q6_d"].dtype == torch.float16 and packs["q6_d"].shape == (6, 2)
+    reference = torch.from_numpy(quants.dequantize(raw, Q6_K))  # [6, 512]
+    assert torch.equal(dequantize_q6_k(packs), reference)
 
 
 def test_q4_k_blocks_unpack_to_the_values_ggufs_own_dequantizer_gives():
@@ -93,9 +117,10 @@ def test_q8_0_and_q5_0_blocks_are_int8_packs_exactly(kind, unpack):
 
 
 # The tiny model's GGUF: which type each projection's weight has (None: not in the file).
-# Layer 0's v is Q8_0, so its q/k/v, stacked, all take int8; layer 1 is all Q4_K.
+# Layer 0's v is Q8_0, so its q/k/v, stacked, all take int8, and its o is Q6_K (int8 for
+# decode steps, its blocks for the integer GEMM); layer 1 is all Q4_K.
 TYPES = {
-    0: {"q": Q4_K, "k": Q4_K, "v": Q8_0, "o": Q4_K, "gate": Q4_K, "up": Q4_K, "down": Q5_0},
+    0: {"q": Q4_K, "k": Q4_K, "v": Q8_0, "o": Q6_K, "gate": Q4_K, "up": Q4_K, "down": Q5_0},
     1: {"q": Q4_K, "k": Q4_K, "v": Q4_K, "o": Q4_K, "gate": Q4_K, "up": Q4_K, "down": Q4_K},
 }
 MODULES = {
@@ -136,6 +161,8 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
             n, k = linear.weight.shape
             if kind == Q4_K:
                 raw = q4_k_blocks(n, k, seed=layer * 10 + len(part))
+            elif kind == Q6_K:
+                raw = q6_k_blocks(n, k, seed=layer * 10 + len(part))
             else:
                 raw = quants.quantize((torch.randn(n, k) * 0.05).numpy(), kind)
             values = torch.from_numpy(quants.dequantize(raw, kind)).float()
@@ -178,12 +205,18 @@ def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ
         for m in [model.get_submodule(f"model.layers.{layer}.{module}")]
     }
     assert {p for p, mode in modes.items() if mode == ("int4", 32)} == {
-        (0, "o"),
         (0, "gate"),
         (0, "up"),
         *((1, part) for part in MODULES),
     }
-    assert modes[(0, "q")][0] == modes[(0, "v")][0] == modes[(0, "down")][0] == "int8"
+    assert {modes[(0, part)][0] for part in ("q", "v", "o", "down")} == {"int8"}
+    o_proj = model.get_submodule("model.layers.0.self_attn.o_proj")
+    if prefill_weights == "integer":  # its Q6_K blocks, exactly, for the GEMM
+        q6, q6_scales, q6_d = o_proj.six_bit
+        packs = {"q6": q6, "q6_scales": q6_scales, "q6_d": q6_d}
+        assert torch.equal(dequantize_q6_k(packs), floats["model.layers.0.self_attn.o_proj"])
+    else:  # read by the GEMM only: not kept
+        assert o_proj.six_bit is None
     assert model.lm_head.mode == "int8"
     for name, weight in floats.items():
         layer = model.get_submodule(name)
@@ -197,8 +230,9 @@ def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ
         elif name.endswith(("v_proj", "down_proj")) and ".0." in name:  # Q8_0 and Q5_0: exact
             assert torch.equal(dequantize_int8_blocks(layer.qweight, layer.scales), weight)
     if prefill_weights == "integer":
-        # On the GEMM: int4 layers and layer 0's down (Q5_0: int8 within -16..15); layer
-        # 0's q, k and v (int8 requantized beside a Q8_0 v) keep float copies.
+        # On the GEMM: int4 layers, layer 0's down (Q5_0: int8 within -16..15) and o (its
+        # Q6_K blocks); layer 0's q, k and v (int8 requantized beside a Q8_0 v) keep float
+        # copies.
         on_gemm = {
             n
             for n in floats
@@ -224,7 +258,7 @@ def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_fo
     quantize_model(model, "gguf", gguf=tmp_path / "model.gguf", group_size=64)
     engine = Engine(model, tokenizer, name="gguf")
     assert engine.lean is not None
-    # Both layers take the C++ path, layer 0 with int8 q/k/v and down beside int4 o and MLP.
+    # Both layers take the C++ path, layer 0 with int8 q/k/v, o and down beside an int4 MLP.
     assert [layer.fused is not None for layer in engine.lean.layers] == [True, True]
     prompt = tokenizer.encode("A prompt about copper wires")
     out = engine.generate(prompt, GenerationParams(max_new_tokens=12, ignore_eos=True))
@@ -241,11 +275,23 @@ def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
     cache = cache_path(tmp_path, "gguf", 64)
     first = gguf_model(tokenizer, tmp_path)
     quantize_model(first, "gguf", gguf=tmp_path / "model.gguf", cache=cache)
-    assert cache.name == "ragqa-quant-gguf.safetensors" and cache.exists()
+    assert cache.name == "ragqa-quant-gguf-q6k.safetensors" and cache.exists()
     second = gguf_model(tokenizer, tmp_path / "other")  # the same weights (seeds), a new file
     (tmp_path / "other" / "model.gguf").unlink()  # a read of it would fail
-    done = quantize_model(second, "gguf", gguf=tmp_path / "other" / "model.gguf", cache=cache)
+    o_name = "model.layers.0.self_attn.o_proj"
+    o_weight = second.get_submodule(o_name).weight.detach().clone()
+    # The first load's prefill kept float copies; the cache holds the Q6_K blocks anyway.
+    done = quantize_model(
+        second,
+        "gguf",
+        gguf=tmp_path / "other" / "model.gguf",
+        cache=cache,
+        prefill_weights="integer",
+    )
     assert done["from_cache"]
+    six_bit = second.get_submodule(o_name).six_bit
+    assert six_bit is not None and second.get_submodule(o_name).gemm
+    assert torch.equal(dequantize_q6_k(dict(zip(GEMM_PACKS, six_bit, strict=True))), o_weight)
     for (name, a), (_, b) in zip(first.named_modules(), second.named_modules(), strict=True):
         if isinstance(a, QuantizedLinear):
             assert (a.mode, a.group_size) == (b.mode, b.group_size), name

@@ -378,3 +378,57 @@ def test_int8_gemm_refuses_values_outside_5_bits_instead_of_wrapping_them():
     assert not qmatmul.narrow_int8(q)
     with pytest.raises(RuntimeError, match=r"int8 weights in -16\.\.15"):
         qmatmul.int8_gemm(torch.randn(20, 64), q, d)
+
+
+def _q6_weights(n, k, seed=0):
+    """6-bit packs as a GGUF's Q6_K blocks give them: values -32..31, an int8 scale per 16
+    inputs and a float16 d per 256."""
+    torch.manual_seed(seed)
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8)
+    scales = torch.randint(-128, 128, (n, k // 16), dtype=torch.int8)
+    return q, scales, (torch.rand(n, k // 256) * 1e-3).half()
+
+
+def _q6_values(q, scales, d):
+    n, k = q.shape
+    w = (q.float().reshape(n, k // 16, 16) * scales.float().unsqueeze(-1)).reshape(n, -1, 256)
+    return (w * d.float().unsqueeze(-1)).reshape(n, k)
+
+
+# N: whole tiles, then a last panel of 5 columns, and one panel alone; M odd and even.
+@pytest.mark.parametrize(("n", "m", "k"), [(96, 6, 512), (21, 3, 256), (8, 17, 768)])
+def test_int6_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k):
+    q, scales, d = _q6_weights(n, k)
+    x = torch.randn(m, k)
+    xq, _ = _quantized_activations(x)
+    expected = xq.double() @ _q6_values(q, scales, d).double().T
+    y = qmatmul.int6_gemm(x, q, scales, d)
+    assert y.shape == (m, n)
+    assert torch.allclose(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_int6_gemm_sums_the_extreme_6_bit_products_without_overflow():
+    # -32 and 31 against x + 128 = 255 and 1 in every position, scales -128 and 127: each
+    # int16 lane sums 2 maddubs of up to 2 * 255 * 32 (16320); the int32 block sums reach
+    # 2 * 16 * 255 * 32 * 128 plus the panel's offset term.
+    k = 256
+    q = torch.cat([torch.full((8, k), -32), torch.full((8, k), 31)]).to(torch.int8)
+    scales = torch.cat([torch.full((8, k // 16), -128), torch.full((8, k // 16), 127)])
+    scales = scales.to(torch.int8)
+    d = torch.ones(16, 1).half()
+    x = torch.cat([torch.full((1, k), 2.0), torch.full((1, k), -2.0)])
+    expected = x.double() @ _q6_values(q, scales, d).double().T
+    assert torch.equal(qmatmul.int6_gemm(x, q, scales, d).double(), expected)
+
+
+def test_int6_gemm_refuses_values_outside_6_bits_instead_of_wrapping_them():
+    q, scales, d = _q6_weights(24, 256)
+    q[17, 40] = 32
+    with pytest.raises(RuntimeError, match=r"int8 weights in -32\.\.31"):
+        qmatmul.int6_gemm(torch.randn(20, 256), q, scales, d)
+
+
+def test_int6_gemm_rejects_inputs_that_are_not_whole_blocks_of_256():
+    q, scales, d = _q6_weights(8, 256)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 256, got 128"):
+        qmatmul.int6_gemm(torch.randn(20, 128), q[:, :128], scales[:, :8], d)

@@ -616,6 +616,13 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
 // so 4 maddubs (half a block) sum in int16, and the offset comes off as a per-row term,
 // y[m, n] = sum_b d[n,b] (dx[m,b] sum_{k in b} (q + 16) x  -  16 dx[m,b] sum_{k in b} x):
 // the same form, with s = m = d and xsum = -16 dx sum(x) over the int8 activations.
+// 6-bit packs (a GGUF's Q6_K blocks: q in -32..31, an int8 scale c per 16 inputs and a
+// float16 d per 256, w = q c d) take the other operand order: activations stored as
+// x + 128 (1..255, unsigned) times the signed weights, a maddubs lane at most 2 * 255 *
+// 32 = 16320, so 2 maddubs sum in int16; madd then multiplies those sums by c (in place
+// of 1) and the offset comes off per column, not per row: sum (x + 128) q c = sum x q c +
+// 128 sum q c, the last a constant of the panel, which starts each block's int32 sum.
+// y[m, n] = sum_b d[n,b] dx[m,b] sum_{k in b} x q c: one float multiply-add a block.
 constexpr int64_t kPanel = 8;    // output columns of a panel: one int32 lane each
 constexpr int kGemmRows = 2;     // activation rows of a register tile
 constexpr int kGemmPanels = 2;   // panels of a register tile
@@ -712,6 +719,75 @@ bool layout_panel_q5(const int8_t* qw, const uint16_t* dw, int64_t n0, int64_t N
   return _mm256_testz_si256(largest, _mm256_set1_epi8(static_cast<char>(0xE0)));
 }
 
+// Columns [n0, n0 + 8) of 6-bit packs -> one panel: wp [K/4][8][4] values q (-32..31, as
+// signed bytes), s [K/32][8] each block's d, sub [K/16][8] each 16 inputs' c twice over
+// (two int16 lanes: madd's multiplier for a column's lane), base [K/32][8] each block's
+// -128 sum q c. Columns at or past N are zero. Returns false if a value lies outside
+// -32..31 (the panel is then unusable).
+bool layout_panel_q6(const int8_t* qw, const int8_t* sc, const uint16_t* d, int64_t n0,
+                     int64_t N, int64_t K, uint8_t* wp, float* s, int32_t* sub, int32_t* base) {
+  const int64_t nb = K / kBlock, ns = K / 16, nd = K / 256;
+  const __m256i offset = _mm256_set1_epi8(32);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i largest = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v[kPanel];
+    for (int64_t l = 0; l < kPanel; ++l) {
+      v[l] = n0 + l < N ? _mm256_loadu_si256(
+                              reinterpret_cast<const __m256i*>(qw + (n0 + l) * K + b * kBlock))
+                        : _mm256_setzero_si256();
+      // -32..31 + 32 -> 0..63 as unsigned bytes
+      largest = _mm256_max_epu8(largest, _mm256_add_epi8(v[l], offset));
+    }
+    transpose8x8(v);
+    __m256i half_sums[2];  // int32 per column: sum q over each 16 inputs of the block
+    for (int h = 0; h < 2; ++h) {
+      half_sums[h] = _mm256_setzero_si256();
+      for (int j = 4 * h; j < 4 * h + 4; ++j) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + (b * 8 + j) * 32), v[j]);
+        half_sums[h] = _mm256_add_epi32(
+            half_sums[h], _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v[j]), ones16));
+      }
+    }
+    alignas(32) int32_t c[2][kPanel];
+    for (int64_t l = 0; l < kPanel; ++l) {
+      const bool real = n0 + l < N;
+      for (int h = 0; h < 2; ++h) {
+        c[h][l] = real ? sc[(n0 + l) * ns + 2 * b + h] : 0;
+        sub[(2 * b + h) * kPanel + l] = static_cast<int32_t>(
+            (static_cast<uint32_t>(static_cast<uint16_t>(c[h][l])) << 16) |
+            static_cast<uint16_t>(c[h][l]));
+      }
+      s[b * kPanel + l] = real ? half_to_float(d[(n0 + l) * nd + b / 8]) : 0.0f;
+    }
+    const __m256i total = _mm256_add_epi32(
+        _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[0])), half_sums[0]),
+        _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[1])), half_sums[1]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(base + b * kPanel),
+                        _mm256_mullo_epi32(total, _mm256_set1_epi32(-128)));
+  }
+  return _mm256_testz_si256(largest, _mm256_set1_epi8(static_cast<char>(0xC0)));
+}
+
+// R x P float accumulators -> y columns [n0, n0 + 8P), those < N, of rows [m0, m0 + R).
+template <int R, int P>
+void store_tile(const __m256 acc[R][P], float* y, int64_t m0, int64_t n0, int64_t N) {
+  for (int r = 0; r < R; ++r) {
+    for (int p = 0; p < P; ++p) {
+      const int64_t n = n0 + p * kPanel;
+      float* out = y + (m0 + r) * N + n;
+      if (n + kPanel <= N) {
+        _mm256_storeu_ps(out, acc[r][p]);
+      } else if (n < N) {
+        alignas(32) float tail[kPanel];
+        _mm256_store_ps(tail, acc[r][p]);
+        std::memcpy(out, tail, (N - n) * sizeof(float));
+      }
+    }
+  }
+}
+
 // Activation rows [m0, m0 + R) times P consecutive panels (wp, s, mn: the first; the next
 // follow at K * 8 bytes and K / 32 * 8 floats) into y columns [n0, n0 + 8P), those < N.
 // Q quads (4 inputs each) are summed in int16 before each widening: 8 for int4 panels, 4
@@ -770,19 +846,61 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
+  store_tile<R, P>(acc, y, m0, n0, N);
+}
+
+// Activation rows [m0, m0 + R) (xq: x + 128 as unsigned bytes) times P consecutive 6-bit
+// panels (wp, s, sub, base: the first; the next follow at K * 8 bytes, K / 32 * 8 floats,
+// K / 16 * 8 and K / 32 * 8 int32) into y columns [n0, n0 + 8P), those < N.
+template <int R, int P>
+void gemm_tile_q6(const uint8_t* wp, const float* s, const int32_t* sub, const int32_t* base,
+                  const uint8_t* xq, const float* dx, float* y, int64_t m0, int64_t n0,
+                  int64_t N, int64_t K) {
+  const int64_t nb = K / kBlock, panel_bytes = K * kPanel, panel_blocks = nb * kPanel,
+                panel_subs = K / 16 * kPanel;
+  __m256 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i block[R][P];  // int32: the block's sums of (x + 128) q c, exact
     for (int p = 0; p < P; ++p) {
-      const int64_t n = n0 + p * kPanel;
-      float* out = y + (m0 + r) * N + n;
-      if (n + kPanel <= N) {
-        _mm256_storeu_ps(out, acc[r][p]);
-      } else if (n < N) {
-        alignas(32) float tail[kPanel];
-        _mm256_store_ps(tail, acc[r][p]);
-        std::memcpy(out, tail, (N - n) * sizeof(float));
+      const __m256i start =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + p * panel_blocks + b * kPanel));
+      for (int r = 0; r < R; ++r) block[r][p] = start;
+    }
+    // Quads 2j and 2j + 1 of the block: one int16 sum, of 16 inputs' c (j / 2).
+#pragma GCC unroll 1
+    for (int64_t j = 0; j < 4; ++j) {
+      const int64_t q = b * 8 + 2 * j;
+      __m256i xa[R], xb[R];
+      for (int r = 0; r < R; ++r) {
+        int32_t quads[2];
+        std::memcpy(quads, xq + (m0 + r) * K + q * 4, sizeof quads);
+        xa[r] = _mm256_set1_epi32(quads[0]);
+        xb[r] = _mm256_set1_epi32(quads[1]);
+      }
+      for (int p = 0; p < P; ++p) {
+        const uint8_t* w = wp + p * panel_bytes + q * 32;
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+        const __m256i c = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(sub + p * panel_subs + (2 * b + j / 2) * kPanel));
+        for (int r = 0; r < R; ++r) {
+          const __m256i sum =
+              _mm256_add_epi16(_mm256_maddubs_epi16(xa[r], w0), _mm256_maddubs_epi16(xb[r], w1));
+          block[r][p] = _mm256_add_epi32(block[r][p], _mm256_madd_epi16(sum, c));
+        }
+      }
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m256 sv = _mm256_loadu_ps(s + p * panel_blocks + b * kPanel);
+      for (int r = 0; r < R; ++r) {
+        const __m256 scale = _mm256_mul_ps(sv, _mm256_broadcast_ss(dx + (m0 + r) * nb + b));
+        acc[r][p] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(block[r][p]), acc[r][p]);
       }
     }
   }
+  store_tile<R, P>(acc, y, m0, n0, N);
 }
 
 // Splits output rows across intra-op threads and activation rows into tiles of up to 4.
@@ -847,46 +965,71 @@ QuantizedInput quantize_gemm_input(const at::Tensor& x, bool int5) {
   return in;
 }
 
+// One thread's kGemmPanels panels: each buffer holds them one after another (the layouts
+// above say what a panel's part holds).
+struct Panels {
+  Panels(int64_t k, bool six_bit)
+      : K(k),
+        wp(kGemmPanels * k * kPanel),
+        s(kGemmPanels * k / kBlock * kPanel),
+        mn(six_bit ? 0 : s.size()),
+        sub(six_bit ? kGemmPanels * k / 16 * kPanel : 0),
+        base(six_bit ? s.size() : 0) {}
+  uint8_t* weights(int64_t p) { return wp.data() + p * K * kPanel; }
+  float* scales(int64_t p) { return s.data() + p * K / kBlock * kPanel; }
+  float* minima(int64_t p) { return mn.data() + p * K / kBlock * kPanel; }
+  int32_t* sub_scales(int64_t p) { return sub.data() + p * K / 16 * kPanel; }
+  int32_t* bases(int64_t p) { return base.data() + p * K / kBlock * kPanel; }
+
+  int64_t K;
+  std::vector<uint8_t> wp;
+  std::vector<float> s, mn;
+  std::vector<int32_t> sub, base;  // 6-bit panels only
+};
+
 // y [M, N] = the panels' columns times the quantized activations: output columns in groups
 // of kGemmPanels panels across intra-op threads, each group laid out once by `layout(n0,
-// wp, s, mn)` (false: a value out of range) and read by every activation row.
-template <int Q, typename Layout>
-at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, const Layout& layout) {
-  const int64_t M = in.xq.size(0), K = in.xq.size(1), nb = K / kBlock;
+// p, panels)` (panel p of the group, columns from n0; false: a value out of range, which
+// raises `refusal`) and read by every activation row in tiles: `tile(rows, panels, m, n0,
+// y)` for rows (a std::integral_constant) activation rows from m.
+template <typename Layout, typename Tile>
+at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, bool six_bit, const Layout& layout,
+                      const Tile& tile, const char* refusal) {
+  const int64_t M = in.xq.size(0), K = in.xq.size(1);
   at::Tensor y = at::empty({M, N}, in.dx.options());
-  const int8_t* xqp = in.xq.data_ptr<int8_t>();
-  const float* dxp = in.dx.data_ptr<float>();
-  const float* xsp = in.xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   constexpr int64_t columns = kPanel * kGemmPanels;
   std::atomic<bool> in_range{true};
   at::parallel_for(0, (N + columns - 1) / columns, 1, [&](int64_t g0, int64_t g1) {
-    // This thread's panels, laid out once and read by every activation row.
-    std::vector<uint8_t> wp(kGemmPanels * K * kPanel);
-    std::vector<float> s(kGemmPanels * nb * kPanel), mn(kGemmPanels * nb * kPanel);
+    Panels panels(K, six_bit);  // this thread's, laid out once and read by every row
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * columns;
       for (int64_t p = 0; p < kGemmPanels; ++p) {
-        if (!layout(n0 + p * kPanel, wp.data() + p * K * kPanel, s.data() + p * nb * kPanel,
-                    mn.data() + p * nb * kPanel)) {
+        if (!layout(n0 + p * kPanel, p, panels)) {
           in_range.store(false);
           return;
         }
       }
       int64_t m = 0;
       for (; m + kGemmRows <= M; m += kGemmRows) {
-        gemm_tile<kGemmRows, kGemmPanels, Q>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp,
-                                             m, n0, N, K);
+        tile(std::integral_constant<int, kGemmRows>{}, panels, m, n0, yp);
       }
-      for (; m < M; ++m) {
-        gemm_tile<1, kGemmPanels, Q>(wp.data(), s.data(), mn.data(), xqp, dxp, xsp, yp, m, n0,
-                                     N, K);
-      }
+      for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, panels, m, n0, yp);
     }
   });
-  TORCH_CHECK(in_range.load(), "q8_gemm takes int8 weights in -16..15 (a GGUF's Q5_0 blocks); "
-              "these hold values outside that range");
+  TORCH_CHECK(in_range.load(), refusal);
   return y;
+}
+
+// The tile of int4 and 5-bit panels (Q quads per int16 sum) over `in`'s activations.
+template <int Q>
+auto minimum_form_tile(const QuantizedInput& in, int64_t N, int64_t K) {
+  return [xq = in.xq.data_ptr<int8_t>(), dx = in.dx.data_ptr<float>(),
+          xsum = in.xsum.data_ptr<float>(), N, K](auto rows, Panels& pn, int64_t m, int64_t n0,
+                                                   float* y) {
+    gemm_tile<decltype(rows)::value, kGemmPanels, Q>(pn.weights(0), pn.scales(0), pn.minima(0),
+                                                     xq, dx, xsum, y, m, n0, N, K);
+  };
 }
 
 }  // namespace
@@ -973,11 +1116,14 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  return panel_gemm<8>(quantize_gemm_input(x, false), N,
-                       [&](int64_t n0, uint8_t* wp, float* s, float* mn) {
-                         layout_panel_q4(qp, sp, n0, N, K, group, wp, s, mn);
-                         return true;
-                       });
+  const QuantizedInput in = quantize_gemm_input(x, false);
+  return panel_gemm(
+      in, N, false,
+      [&](int64_t n0, int64_t p, Panels& pn) {
+        layout_panel_q4(qp, sp, n0, N, K, group, pn.weights(p), pn.scales(p), pn.minima(p));
+        return true;
+      },
+      minimum_form_tile<8>(in, N, K), "");
 }
 
 // x [M, K] float32, qw [N, K] int8 with every value in -16..15, scales [N, K/32] float16
@@ -994,10 +1140,54 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   const int8_t* wp8 = wc.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
-  return panel_gemm<4>(quantize_gemm_input(x, true), N,
-                       [&](int64_t n0, uint8_t* wp, float* s, float* mn) {
-                         return layout_panel_q5(wp8, sp, n0, N, K, wp, s, mn);
-                       });
+  const QuantizedInput in = quantize_gemm_input(x, true);
+  return panel_gemm(
+      in, N, false,
+      [&](int64_t n0, int64_t p, Panels& pn) {
+        return layout_panel_q5(wp8, sp, n0, N, K, pn.weights(p), pn.scales(p), pn.minima(p));
+      },
+      minimum_form_tile<4>(in, N, K),
+      "q8_gemm takes int8 weights in -16..15 (a GGUF's Q5_0 blocks); these hold values "
+      "outside that range");
+}
+
+// x [M, K] float32, q [N, K] int8 with every value in -32..31, scales [N, K/16] int8, d
+// [N, K/256] float16 -> [M, N] float32: x times the weights w = q * scale * d of a GGUF's
+// Q6_K blocks (K a multiple of 256), on the panel GEMM (AVX2). Activations are int8 per
+// block of 32 as in the other kernels. Weights outside -32..31 are refused (RuntimeError).
+at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                   const at::Tensor& d) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kChar &&
+                  d.scalar_type() == at::kHalf,
+              "q and scales must be int8 and d float16");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(K % 256 == 0, "6-bit weights come in blocks of 256 inputs: K must be a multiple "
+              "of 256, got ", K);
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
+                  scales.size(1) * 16 == K && d.dim() == 2 && d.size(0) == N &&
+                  d.size(1) * 256 == K,
+              "weight shapes do not match K = ", K, " (scales must be [N, K/16], d [N, K/256])");
+  const at::Tensor qc = q.contiguous(), sc = scales.contiguous(), dc = d.contiguous();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const int8_t* scp = sc.data_ptr<int8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dc.data_ptr<at::Half>());
+  // x + 128 as unsigned bytes, blocks in input order: the AVX-512 int8 kernel's layout.
+  const QuantizedInput in = quantize_input(x, false, ActivationLayout::kInt8Avx512);
+  const uint8_t* xq = reinterpret_cast<const uint8_t*>(in.xq.data_ptr<int8_t>());
+  const float* dx = in.dx.data_ptr<float>();
+  return panel_gemm(
+      in, N, true,
+      [&](int64_t n0, int64_t p, Panels& pn) {
+        return layout_panel_q6(qp, scp, dp, n0, N, K, pn.weights(p), pn.scales(p),
+                               pn.sub_scales(p), pn.bases(p));
+      },
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+        gemm_tile_q6<decltype(rows)::value, kGemmPanels>(
+            pn.weights(0), pn.scales(0), pn.sub_scales(0), pn.bases(0), xq, dx, y, m, n0, N, K);
+      },
+      "q6_gemm takes int8 weights in -32..31 (a GGUF's Q6_K blocks); these hold values "
+      "outside that range");
 }
 
 // Weights expanded back to float for a long prefill, where an fp32 GEMM beats these
@@ -1103,6 +1293,7 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
   m.def("q4_gemm(Tensor x, Tensor qs, Tensor sm, int group) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor qw, Tensor scales) -> Tensor");
+  m.def("q6_gemm(Tensor x, Tensor q, Tensor scales, Tensor d) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qw, Tensor scales) -> Tensor");
   m.def("q8_dequantize(Tensor qw, Tensor scales, Tensor(a!) out) -> ()");
   m.def("q4_dequantize(Tensor qs, Tensor sm, int group, Tensor(a!) out) -> ()");
@@ -1116,6 +1307,7 @@ TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
   m.impl("q4_linear", &ragqa::q4_linear);
   m.impl("q4_gemm", &ragqa::q4_gemm);
   m.impl("q8_gemm", &ragqa::q8_gemm);
+  m.impl("q6_gemm", &ragqa::q6_gemm);
   m.impl("q8_linear", &ragqa::q8_linear);
   m.impl("q8_dequantize", &ragqa::q8_dequantize);
   m.impl("q4_dequantize", &ragqa::q4_dequantize);
