@@ -10,9 +10,10 @@ torch's weight-only int4 and int8 kernels, and ragqa's int4/int8 x int8 kernels
 to the float baseline and to torch's kernel of the same width, and of the column-major
 float weight to the row-major one. Above 16 rows (where the engine prefills) the float
 layouts are timed against ragqa's integer prefill GEMMs (`RAGQA_PREFILL_WEIGHTS=integer`):
-`int4_gemm` on the int4 packs and `int8_gemm` on int8 packs of 5-bit values (-16..15, as
-a GGUF's Q5_0 blocks hold), except on the vocabulary projection, which prefill multiplies
-for one row only.
+`int4_gemm` on the int4 packs, `int8_gemm` on int8 packs of 5-bit values (-16..15, as
+a GGUF's Q5_0 blocks hold) and, where the inputs come in blocks of 256, `int6_gemm` on
+6-bit packs (a GGUF's Q6_K form), except on the vocabulary projection, which prefill
+multiplies for one row only.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
 instead streams every layer's weights from memory once, so `decode_step` (int8) and
@@ -174,6 +175,11 @@ def main() -> None:
         qs, sm = qmatmul.pack_int4(q4, sz)
         del q4
         q5 = torch.clamp(torch.round(q8b.float() / 8), -16, 15).to(torch.int8)  # 5-bit values
+        # 6-bit values with an int8 scale per 16 and a float16 d per 256 (timing only:
+        # the values need not stand for w).
+        q6 = torch.clamp(torch.round(q8b.float() / 4), -32, 31).to(torch.int8)
+        c6 = torch.randint(1, 128, (n, k // 16), dtype=torch.int8)
+        d6 = torch.full((n, k // 256), 1e-4, dtype=torch.float16)
         for rows in (int(r) for r in args.rows.split(",") if r):
             x = torch.randn(rows, k).to(dtype)
             timing: dict[str, float] = {}
@@ -194,6 +200,11 @@ def main() -> None:
                             args.repeat,
                         ),
                     }
+                    if qmatmul.supports_int6(k):
+                        timing["ragqa_int6_gemm_ms"] = median_ms(
+                            lambda: qmatmul.int6_gemm(x, q6, c6, d6),  # noqa: B023
+                            args.repeat,
+                        )
                 if rows <= PREFILL_ROWS:
                     timing |= {
                         "torch_int8_ms": median_ms(
@@ -229,6 +240,7 @@ def main() -> None:
                     "ragqa_int8_gemm_5_bit_ms",
                     "float_column_major_ms",
                 ),
+                "ragqa_int6_gemm_vs_float": ("ragqa_int6_gemm_ms", "float_column_major_ms"),
             }
             for label, (a, b) in ratios.items():
                 if a in timing and b in timing:

@@ -868,27 +868,32 @@ void gemm_tile_q6(const uint8_t* wp, const float* s, const int32_t* sub, const i
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + p * panel_blocks + b * kPanel));
       for (int r = 0; r < R; ++r) block[r][p] = start;
     }
-    // Quads 2j and 2j + 1 of the block: one int16 sum, of 16 inputs' c (j / 2).
+    // Each 16 inputs (h) of the block: their c, then two int16 sums of 2 quads each.
 #pragma GCC unroll 1
-    for (int64_t j = 0; j < 4; ++j) {
-      const int64_t q = b * 8 + 2 * j;
-      __m256i xa[R], xb[R];
-      for (int r = 0; r < R; ++r) {
-        int32_t quads[2];
-        std::memcpy(quads, xq + (m0 + r) * K + q * 4, sizeof quads);
-        xa[r] = _mm256_set1_epi32(quads[0]);
-        xb[r] = _mm256_set1_epi32(quads[1]);
-      }
+    for (int64_t h = 0; h < 2; ++h) {
+      __m256i c[P];
       for (int p = 0; p < P; ++p) {
-        const uint8_t* w = wp + p * panel_bytes + q * 32;
-        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
-        const __m256i c = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(sub + p * panel_subs + (2 * b + j / 2) * kPanel));
+        c[p] = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(sub + p * panel_subs + (2 * b + h) * kPanel));
+      }
+      for (int64_t q = b * 8 + 4 * h; q < b * 8 + 4 * h + 4; q += 2) {
+        __m256i xa[R], xb[R];
         for (int r = 0; r < R; ++r) {
-          const __m256i sum =
-              _mm256_add_epi16(_mm256_maddubs_epi16(xa[r], w0), _mm256_maddubs_epi16(xb[r], w1));
-          block[r][p] = _mm256_add_epi32(block[r][p], _mm256_madd_epi16(sum, c));
+          int32_t quad;  // 4-byte copies: each a broadcast from memory
+          std::memcpy(&quad, xq + (m0 + r) * K + q * 4, sizeof quad);
+          xa[r] = _mm256_set1_epi32(quad);
+          std::memcpy(&quad, xq + (m0 + r) * K + q * 4 + 4, sizeof quad);
+          xb[r] = _mm256_set1_epi32(quad);
+        }
+        for (int p = 0; p < P; ++p) {
+          const uint8_t* w = wp + p * panel_bytes + q * 32;
+          const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+          const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+          for (int r = 0; r < R; ++r) {
+            const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(xa[r], w0),
+                                                 _mm256_maddubs_epi16(xb[r], w1));
+            block[r][p] = _mm256_add_epi32(block[r][p], _mm256_madd_epi16(sum, c[p]));
+          }
         }
       }
     }
