@@ -251,8 +251,14 @@ class GgufPacks:
                 return mode, packs
             self._warn_not_the_models(module, tensor.name, tensor.type_name, tensor.shape, n, k)
         packs = quantize_int8(weight)
-        if tensor is not None and tensor.type_name == "Q6_K" and qmatmul.supports_int6(k):
-            # Decode steps read the int8 packs; the blocks serve the integer prefill GEMM.
+        # Decode steps read the int8 packs; the blocks serve the integer prefill GEMM, which
+        # the vocabulary projection never runs (it multiplies one row a sequence).
+        if (
+            tensor is not None
+            and tensor.type_name == "Q6_K"
+            and module != "lm_head"
+            and qmatmul.supports_int6(k)
+        ):
             gemm = None
             if tensor.shape == (n, k):
                 gemm = self._in_model_order(

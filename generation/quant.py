@@ -526,6 +526,10 @@ def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
+# Caches that a cache of the same name replaces, written by an earlier ragqa: removed
+# once the new one is written (the 1.5B's gguf cache is 1.3 GB).
+SUPERSEDED = {"ragqa-quant-gguf-q6k.safetensors": ("ragqa-quant-gguf.safetensors",)}
+
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SOURCE_KEY = "ragqa_source"  # the cache's metadata entry naming the files it was packed from
 
@@ -734,9 +738,11 @@ def quantize_model(
     ) as stored:
         stored_keys = set(stored.keys()) if stored is not None else set()
         for index, (name, linear) in enumerate(targets):
+            # The vocabulary projection multiplies one row a sequence (see below).
+            on_gemm = prefill_weights == "integer" and linear is not vocabulary
             if stored is not None:
                 keys = ("qweight", "scales")
-                if prefill_weights == "integer" and f"{name}.{GEMM_PACKS[0]}" in stored_keys:
+                if on_gemm and f"{name}.{GEMM_PACKS[0]}" in stored_keys:
                     keys += GEMM_PACKS
                 packed = {key: stored.get_tensor(f"{name}.{key}") for key in keys}
             elif from_gguf is not None:
@@ -771,7 +777,7 @@ def quantize_model(
                 # (the 1.5B: 0.93 GB in float32).
                 quantized.drop_float_weight(None)
                 _drop_weight(linear)
-            elif prefill_weights == "integer" and quantized.prefill_on_gemm():
+            elif on_gemm and quantized.prefill_on_gemm():
                 if not tied:
                     _drop_weight(linear)
                 dropped += 1
@@ -810,6 +816,11 @@ def quantize_model(
         tmp = cache.with_name(cache.name + ".tmp")
         save_file(to_save, str(tmp), metadata={SOURCE_KEY: source} if source else None)
         tmp.replace(cache)
+        for name in SUPERSEDED.get(cache.name, ()):
+            stale = cache.with_name(name)
+            if stale.exists():
+                logger.info("removing %s: %s replaces it", stale, cache.name)
+                stale.unlink()
     to_save.clear()  # before the trim: the fused members' own packs (0.9 GB on the 1.5B)
     if dtype is not None:
         for module in model.modules():  # norms and the like

@@ -273,9 +273,12 @@ def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_fo
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
 def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
     cache = cache_path(tmp_path, "gguf", 64)
+    stale = tmp_path / "ragqa-quant-gguf.safetensors"  # an earlier ragqa's, without Q6_K
+    stale.write_bytes(b"packs without the Q6_K blocks")
     first = gguf_model(tokenizer, tmp_path)
     quantize_model(first, "gguf", gguf=tmp_path / "model.gguf", cache=cache)
     assert cache.name == "ragqa-quant-gguf-q6k.safetensors" and cache.exists()
+    assert not stale.exists()
     second = gguf_model(tokenizer, tmp_path / "other")  # the same weights (seeds), a new file
     (tmp_path / "other" / "model.gguf").unlink()  # a read of it would fail
     o_name = "model.layers.0.self_attn.o_proj"
@@ -461,3 +464,26 @@ def test_a_sample_of_rows_puts_q_and_k_in_order_and_tells_other_values_apart(
     shuffled = model.get_submodule(names[0]).weight.detach().roll(1, dims=0)
     mode, packed = sampled.pack(names[0], shuffled, lambda w: {"qweight": w})
     assert mode == "int8" and packed["qweight"] is shuffled
+
+
+def test_q6_k_blocks_come_beside_the_int8_packs_except_for_the_vocabulary_projection(tmp_path):
+    writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    weights = {}
+    for module, (n, k) in {"lm_head": (40, 256), "model.layers.0.mlp.down_proj": (24, 512)}.items():
+        raw = q6_k_blocks(n, k, seed=n)
+        weights[module] = torch.from_numpy(quants.dequantize(raw, Q6_K)).float()
+        writer.add_tensor(gguf_name(module), raw, raw_dtype=Q6_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    packs = GgufPacks(tmp_path / "model.gguf")
+    quantize = lambda w: QuantizedLinear.quantize(w, "int8", 32)  # noqa: E731
+    mode, down = packs.pack(
+        "model.layers.0.mlp.down_proj", weights["model.layers.0.mlp.down_proj"], quantize
+    )
+    assert mode == "int8" and set(down) == {"qweight", "scales", *GEMM_PACKS}
+    assert torch.equal(dequantize_q6_k(down), weights["model.layers.0.mlp.down_proj"])
+    # It multiplies one row a sequence, never on the prefill GEMM: no blocks to keep.
+    mode, vocabulary = packs.pack("lm_head", weights["lm_head"], quantize)
+    assert mode == "int8" and set(vocabulary) == {"qweight", "scales"}
