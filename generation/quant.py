@@ -838,14 +838,21 @@ def quantize_model(
             "blocks) and ragqa's kernels; float weights kept"
         )
         prefill_weights = "float"
+    # What the layers hold, not what all copies would take: with "integer" only the layers
+    # left off the GEMM keep theirs (the 1.5B gguf: 0.15 of its 5.24 GB).
+    kept = [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)]
+    kept_bytes = sum(
+        w.numel() * w.element_size() for w in kept if w is not None and id(w) not in embeddings
+    )
     logger.info(
-        "quantized to %s in %.1f s (%s); prefill from %s weights (%.2f GB of floats %s)",
+        "quantized to %s in %.1f s (%s); prefill from %s weights (%.2f GB of float copies "
+        "kept, of %.2f GB for every layer)",
         mode,
         seconds,
         "cached" if from_cache else "computed",
         prefill_weights,
+        kept_bytes / 1e9,
         float_bytes / 1e9,
-        {"float": "kept", "integer": "kept for int8 layers"}.get(prefill_weights, "not kept"),
     )
     return {
         "mode": mode,
