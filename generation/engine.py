@@ -145,8 +145,8 @@ class Engine:
                 prefill_weights,
                 matrix_values * prefill_dt.itemsize,
                 available_memory(),
-                # int4 packs, and gguf's (int4 and Q5_0: 85 % of the 1.5B's and the
-                # 0.5B's matrices), where the float GEMM would be float32 (AVX2 CPUs)
+                # int4 packs, and gguf's (int4, Q5_0 and Q6_K blocks: 97 % of the 1.5B's
+                # prefill multiply-adds), where the float GEMM would be float32 (AVX2 CPUs)
                 integer=on_kernels
                 and prefill_dt == torch.float32
                 and quantization in ("int4", "gguf"),

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from generation import qmatmul
-from generation.gguf_file import GgufFile
+from generation.gguf_file import GgufFile, GgufTensor
 from generation.provision import GGUF_NAME
+from generation.quant import GEMM_PACKS, dequantize_int4, dequantize_int8_blocks
 from generation.quant import GGUF_GROUP as GROUP
-from generation.quant import dequantize_int4, dequantize_int8_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -166,16 +166,13 @@ def unpack_q6_k(raw: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
     q = (low | (top << 4)).view(np.int8) - np.int8(32)  # [B, half, 4, 32]
     scales = blocks[:, 192:208].copy().view(np.int8)
     d = blocks[:, 208:210].copy().view(np.float16)
-    return {
-        "q6": torch.from_numpy(q.reshape(n, k)),
-        "q6_scales": torch.from_numpy(scales.reshape(n, k // 16)),
-        "q6_d": torch.from_numpy(d.reshape(n, k // 256)),
-    }
+    values = (q.reshape(n, k), scales.reshape(n, k // 16), d.reshape(n, k // 256))
+    return {key: torch.from_numpy(v) for key, v in zip(GEMM_PACKS, values, strict=True)}
 
 
 def dequantize_q6_k(packs: dict[str, torch.Tensor]) -> torch.Tensor:
     """`unpack_q6_k`'s packs -> the float32 weights [n, k] they stand for."""
-    q, scales, d = packs["q6"], packs["q6_scales"], packs["q6_d"]
+    q, scales, d = (packs[key] for key in GEMM_PACKS)
     n, k = q.shape
     w = q.float().reshape(n, k // 16, 16) * scales.float().unsqueeze(-1)
     return (w.reshape(n, k // 256, 256) * d.float().unsqueeze(-1)).reshape(n, k)
@@ -249,7 +246,9 @@ class GgufPacks:
                 )
             if packs is not None:
                 return mode, packs
-            self._warn_not_the_models(module, tensor.name, tensor.type_name, tensor.shape, n, k)
+            self._warn_not_the_models(
+                module, tensor, n, k, "packing that projection as int8 from the model's weights"
+            )
         packs = quantize_int8(weight)
         # Decode steps read the int8 packs; the blocks serve the integer prefill GEMM, which
         # the vocabulary projection never runs (it multiplies one row a sequence).
@@ -265,26 +264,28 @@ class GgufPacks:
                     module, unpack_q6_k(tensor.data, n, k), dequantize_q6_k, weight
                 )
             if gemm is None:
-                self._warn_not_the_models(module, tensor.name, "Q6_K", tensor.shape, n, k)
+                self._warn_not_the_models(
+                    module, tensor, n, k, "its prefill keeps a float copy instead of the blocks"
+                )
             else:
                 packs = {**packs, **gemm}
         return "int8", packs
 
     def _warn_not_the_models(
-        self, module: str, tensor: str, kind: str, shape: tuple[int, ...], n: int, k: int
+        self, module: str, tensor: GgufTensor, n: int, k: int, instead: str
     ) -> None:
         # Another model's GGUF, or rows in an order not known here: the model's own
         # weights are the truth.
         logger.warning(
-            "%s: %s (%s, shape %s) does not hold the values of the model's %s [%d, %d]; "
-            "packing that projection as int8 from the model's weights",
+            "%s: %s (%s, shape %s) does not hold the values of the model's %s [%d, %d]; %s",
             self.path,
-            tensor,
-            kind,
-            list(shape),
+            tensor.name,
+            tensor.type_name,
+            list(tensor.shape),
             module,
             n,
             k,
+            instead,
         )
 
     def _in_model_order(

@@ -643,3 +643,17 @@ def test_a_bf16_model_prefills_from_quantized_weights_expanded_in_float32(
     ids = engine.chat_ids([{"role": "user", "content": "Say something long about rivers."}])
     assert len(ids) > 16
     assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
+
+
+def test_integer_prefill_leaves_a_tied_vocabulary_projection_on_its_embedding(kernels):
+    # It multiplies one row a sequence (the last position's logits), never on the GEMM: it
+    # keeps the embedding it shares rather than going over to the packs for long calls.
+    tokenizer = AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
+    model = tiny_llama(tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    embedding = model.model.embed_tokens.weight
+    quantize_model(model, "int4", group_size=32, prefill_weights="integer")
+    assert not model.lm_head.gemm and model.lm_head.weight is embedding
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.gemm for m in layers)

@@ -627,9 +627,10 @@ constexpr int64_t kPanel = 8;    // output columns of a panel: one int32 lane ea
 constexpr int kGemmRows = 2;     // activation rows of a register tile
 constexpr int kGemmPanels = 2;   // panels of a register tile
 // 2 x 2 keeps 4 int16 sums (and for 5-bit panels 4 int32 block sums), 4 float
-// accumulators, 2 broadcasts and a weight vector in registers. In a throwaway C++ copy of this loop on machine S (Zen 3), 624 x 1536 rows by
-// 8960 columns, one run each while an install ran beside it, 3 x 2 ran as fast with two
-// threads and 0.96x as fast with one; 2 x 3 0.82-0.92x; 4 x 1 and 1 x 4 0.47-0.65x.
+// accumulators, 2 broadcasts and a weight vector in registers. In a throwaway C++ copy of
+// this loop on machine S (Zen 3), 624 x 1536 rows by 8960 columns, one run each while an
+// install ran beside it, 3 x 2 ran as fast with two threads and 0.96x as fast with one;
+// 2 x 3 0.82-0.92x; 4 x 1 and 1 x 4 0.47-0.65x. On machine T, 3 x 2 was no faster either.
 
 // A panel's 8 columns' 4-input quads, 8 quads per vector (column l's quad j in vector l),
 // transposed so that vector j holds quad j of every column.
