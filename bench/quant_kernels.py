@@ -81,7 +81,7 @@ def median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, float | str]:
     """One decode step's int8 or int4 matmuls over distinct weights vs reading as many bytes."""
     shapes = SHAPES[model]
-    # gate and up are one stacked weight at run time (quant.fuse_siblings), as are q/k/v.
+    # gate and up are one stacked weight at run time (siblings.fuse_siblings), as are q/k/v.
     gate_up = (2 * shapes["gate_up"][0], shapes["gate_up"][1])
     order = [shapes["qkv"], shapes["o_proj"], gate_up, shapes["down"]]
     weights = []

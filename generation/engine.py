@@ -28,13 +28,13 @@ from generation.memory import available_memory
 from generation.params import GenerationParams
 from generation.prefix_cache import PrefixCache
 from generation.provision import GGUF_NAME
-from generation.quant import (
+from generation.quant import resolve_mode
+from generation.quant_load import (
     cache_path,
     checkpoint_files,
     checkpoint_weights,
     choose_prefill_weights,
     quantize_model,
-    resolve_mode,
     source_fingerprint,
 )
 from generation.sampling import sample

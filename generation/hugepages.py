@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from generation.memory import return_freed_memory
-from generation.quant import QuantizedLinear, SiblingGroup
+from generation.quant import QuantizedLinear
+from generation.siblings import SiblingGroup
 
 logger = logging.getLogger(__name__)
 

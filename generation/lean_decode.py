@@ -33,7 +33,8 @@ from torch import nn
 from generation import qmatmul
 from generation.attention import decode_attention
 from generation.kv import KV, append_kv
-from generation.quant import QuantizedLinear, SiblingGroup
+from generation.quant import QuantizedLinear
+from generation.siblings import SiblingGroup
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,8 @@ from generation.gguf_packs import (
 )
 from generation.params import GenerationParams
 from generation.provision import pull_preset
-from generation.quant import (
-    GEMM_PACKS,
-    QuantizedLinear,
-    cache_path,
-    dequantize_int4,
-    dequantize_int8_blocks,
-    quantize_model,
-)
+from generation.quant import GEMM_PACKS, QuantizedLinear, dequantize_int4, dequantize_int8_blocks
+from generation.quant_load import cache_path, quantize_model
 from tests.conftest import MODEL_DIR
 
 KERNELS = qmatmul.load()

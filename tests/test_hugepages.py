@@ -6,7 +6,8 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from generation import hugepages, qmatmul
 from generation.provision import pull_preset
-from generation.quant import QuantizedLinear, quantize_model
+from generation.quant import QuantizedLinear
+from generation.quant_load import quantize_model
 from tests.conftest import MODEL_DIR, TINY_SIZES, smaps_entry
 
 if not hugepages.available():

@@ -14,7 +14,7 @@ from generation import lean_decode, qmatmul
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
-from generation.quant import quantize_model
+from generation.quant_load import quantize_model
 from tests.conftest import MODEL_DIR, TINY_SIZES, tiny_llama
 
 KERNELS = qmatmul.load()

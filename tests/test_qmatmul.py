@@ -225,7 +225,7 @@ def _tiny_llama(attention_bias: bool):
 def test_fused_sibling_projections_give_the_same_decode_logits_with_fewer_kernel_calls(
     mode, monkeypatch
 ):
-    from generation.quant import quantize_model
+    from generation.quant_load import quantize_model
 
     fused, plain = _tiny_llama(True), _tiny_llama(True)
     assert quantize_model(fused, mode, fuse=True)["fused_groups"] == 4  # 2 layers x (qkv, mlp)
@@ -254,7 +254,7 @@ def test_fused_sibling_projections_give_the_same_decode_logits_with_fewer_kernel
 
 
 def test_a_fused_projection_called_out_of_order_still_computes_its_own_input():
-    from generation.quant import quantize_model
+    from generation.quant_load import quantize_model
 
     model = _tiny_llama(True)
     quantize_model(model, "int4", fuse=True)

@@ -19,20 +19,17 @@ from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
 from generation.quant import (
-    SOURCE_KEY,
     QuantizedLinear,
-    cache_path,
-    choose_prefill_weights,
     dequantize_int4,
     dequantize_int8_blocks,
-    fuse_module,
     quantize_by_rows,
     quantize_int4,
     quantize_int8,
     quantize_int8_blocks,
-    quantize_model,
     resolve_mode,
 )
+from generation.quant_load import SOURCE_KEY, cache_path, choose_prefill_weights, quantize_model
+from generation.siblings import fuse_module
 from tests.conftest import MODEL_DIR, tiny_llama
 
 
@@ -261,7 +258,7 @@ def test_a_checkpoint_replaced_by_other_weights_is_quantized_afresh_not_read_fro
     config = LlamaConfig.from_pretrained(folder)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "new")
     os.replace(tmp_path / "new" / "model.safetensors", folder / "model.safetensors")
-    caplog.set_level(logging.WARNING, logger="generation.quant")
+    caplog.set_level(logging.WARNING, logger="generation.quant_load")
     engine, _ = Engine.load(folder, dtype="bfloat16", quantization="int8")
     assert "was packed from" in caplog.text
     expected = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
