@@ -16,12 +16,13 @@ a GGUF's Q5_0 blocks hold) and, where the inputs come in blocks of 256, `int6_ge
 multiplies for one row only.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
-instead streams every layer's weights from memory once, so `decode_step` (int8) and
-`decode_step_int4` (int4, --group-size) time ragqa's kernel over distinct weights for
-every layer (1.6 GB for the 1.5B model in int8) against a plain read of the same number of
-bytes: the memory-bandwidth floor of a decode step. On a CPU with AVX-512 VNNI, where the
-kernels run on it, the AVX2 kernels are timed over the same weights in the same rounds
-(`ratio_<kind>_avx512-vnni_vs_avx2`).
+instead streams every layer's weights from memory once, so `decode_step` (int8),
+`decode_step_int4` (int4, --group-size) and `decode_step_int6` (a GGUF's Q6_K blocks, on
+the models whose every layer takes them: the 1.5B) time ragqa's kernel over distinct
+weights for every layer (1.6 GB for the 1.5B model in int8) against a plain read of the
+same number of bytes: the memory-bandwidth floor of a decode step. On a CPU with AVX-512
+VNNI, where the int4/int8 kernels run on it, the AVX2 ones are timed over the same weights
+in the same rounds (`ratio_<kind>_avx512-vnni_vs_avx2`); the 6-bit kernel is AVX2 code.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, float | str]:
-    """One decode step's int8 or int4 matmuls over distinct weights vs reading as many bytes."""
+    """One decode step's int8, int4 or int6 matmuls over distinct weights vs reading as many
+    bytes."""
     shapes = SHAPES[model]
     # gate and up are one stacked weight at run time (siblings.fuse_siblings), as are q/k/v.
     gate_up = (2 * shapes["gate_up"][0], shapes["gate_up"][1])
@@ -89,18 +91,24 @@ def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, flo
         if kind == "int8":
             q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
             s = (torch.rand(n, k // qmatmul.BLOCK) * 1e-3).half()
+        elif kind == "int6":  # Q6_K blocks: 192 bytes of values, 18 of scales per 256 inputs
+            q = torch.randint(0, 256, (n, k // 256 * 192), dtype=torch.uint8)
+            s = torch.randint(0, 128, (n, k // 256 * 18), dtype=torch.uint8)
+            s.view(n, k // 256, 18)[..., 16:] = torch.tensor([0x00, 0x10], dtype=torch.uint8)
         else:
             q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
             s = (torch.rand(n, k // group, 2) * 1e-3).half()
         weights.append((torch.randn(1, k), q, s))
-    nbytes = sum(q.numel() + s.numel() * 2 for _, q, s in weights)
+    nbytes = sum(q.nbytes + s.nbytes for _, q, s in weights)
     # Random floats, not zeros: a fresh zeroed allocation may be the shared zero page.
-    plain = [torch.randn((q.numel() + s.numel() * 2) // 4) for _, q, s in weights]
+    plain = [torch.randn((q.nbytes + s.nbytes) // 4) for _, q, s in weights]
 
     def matmuls() -> None:
         for x, q, s in weights:
             if kind == "int8":
                 qmatmul.int8_linear(x, q, s)
+            elif kind == "int6":
+                qmatmul.int6_linear(x, q, s)
             else:
                 qmatmul.int4_linear(x, q, s, group)
 
@@ -116,7 +124,8 @@ def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, flo
         return run
 
     default_isa = qmatmul.kernel_isa()
-    isas = qmatmul.available_kernel_isas()
+    # The 6-bit kernel is AVX2 code whatever the choice: one path to time.
+    isas = [default_isa] if kind == "int6" else qmatmul.available_kernel_isas()
     times: dict[str, list[float]] = {name: [] for name in [*isas, "read"]}
     with torch.inference_mode():
         for isa in isas:  # warm-up, once: every pass streams the same bytes anyway
@@ -140,7 +149,8 @@ def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, flo
         f"ratio_{kind}_vs_read": round(kernel_ms / ms["read"], 3),
         f"{kind}_gb_s": round(nbytes / kernel_ms / 1e6, 1),
     }
-    if default_isa != "avx2":  # the AVX2 kernels on the same weights, in the same rounds
+    if default_isa in isas and "avx2" in isas and default_isa != "avx2":
+        # the AVX2 kernels on the same weights, in the same rounds
         out[f"ragqa_{kind}_avx2_ms"] = ms["avx2"]
         out[f"ratio_{kind}_{default_isa}_vs_avx2"] = round(kernel_ms / ms["avx2"], 3)
     return out
@@ -180,6 +190,9 @@ def main() -> None:
         q6 = torch.clamp(torch.round(q8b.float() / 4), -32, 31).to(torch.int8)
         c6 = torch.randint(1, 128, (n, k // 16), dtype=torch.int8)
         d6 = torch.full((n, k // 256), 1e-4, dtype=torch.float16)
+        if qmatmul.supports_int6(k):  # the same, as decode packs (random bytes: timing only)
+            q6k = torch.randint(0, 256, (n, k // 256 * 192), dtype=torch.uint8)
+            s6k = torch.randint(0, 128, (n, k // 256 * 18), dtype=torch.uint8)
         for rows in (int(r) for r in args.rows.split(",") if r):
             x = torch.randn(rows, k).to(dtype)
             timing: dict[str, float] = {}
@@ -229,12 +242,18 @@ def main() -> None:
                             args.repeat,
                         ),
                     }
+                    if qmatmul.supports_int6(k):
+                        timing["ragqa_int6_ms"] = median_ms(
+                            lambda: qmatmul.int6_linear(x, q6k, s6k),  # noqa: B023
+                            args.repeat,
+                        )
             ratios = {
                 "float_column_major_vs_row_major": ("float_column_major_ms", "float_ms"),
                 "ragqa_int4_vs_float": ("ragqa_int4_ms", "float_ms"),
                 "ragqa_int4_vs_torch_int4": ("ragqa_int4_ms", "torch_int4_ms"),
                 "ragqa_int8_vs_float": ("ragqa_int8_ms", "float_ms"),
                 "ragqa_int8_vs_torch_int8": ("ragqa_int8_ms", "torch_int8_ms"),
+                "ragqa_int6_vs_ragqa_int8": ("ragqa_int6_ms", "ragqa_int8_ms"),
                 "ragqa_int4_gemm_vs_float": ("ragqa_int4_gemm_ms", "float_column_major_ms"),
                 "ragqa_int8_gemm_5_bit_vs_float": (
                     "ragqa_int8_gemm_5_bit_ms",
@@ -258,6 +277,12 @@ def main() -> None:
     if args.step_repeat:
         out["decode_step"] = decode_step(args.model, args.step_repeat, "int8", g)
         out["decode_step_int4"] = decode_step(args.model, args.step_repeat, "int4", g)
+        if all(qmatmul.supports_int6(k) for _, k in SHAPES[args.model].values()):
+            six = decode_step(args.model, args.step_repeat, "int6", g)
+            six["ratio_int6_vs_int8_step"] = round(
+                six["ragqa_int6_ms"] / out["decode_step"]["ragqa_int8_ms"], 3
+            )
+            out["decode_step_int6"] = six
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

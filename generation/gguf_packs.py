@@ -11,13 +11,17 @@ at 0.625 bytes a weight instead of int8's 1.0625. Q4_1 blocks (the test generato
 that form exactly, float16 scale and minimum per 32 weights. Q8_0 and Q5_0 tensors (the
 0.5B's) are int8 blocks of 32 with a float16 scale, the int8 kernel's form: taken as they
 are too.
-Other types (Q6_K: the 1.5B's vocabulary projection and half its down and v projections)
-become int8 per block of 32 from the float weights, as `int8` does, for decode steps.
-Q6_K tensors keep their blocks too, as `unpack_q6_k` gives them, for the integer GEMM of
-a long prefill (`qmatmul.int6_gemm`), which then needs no float copy of them.
+Q6_K tensors (the 1.5B's vocabulary projection and half its down and v projections) are
+taken as they are too, for decode steps on their own kernel (`qmatmul.int6_linear`, mode
+"q6k": 0.82 bytes a weight where int8 requantized from the float weights took 1.0625 and
+rounded them again), and, but for the vocabulary projection, also as `unpack_q6_k` gives
+them, for the integer GEMM of a long prefill (`qmatmul.int6_gemm`), which then needs no
+float copy of them. Other types become int8 per block of 32 from the float weights, as
+`int8` does.
 
 q, k and v (and gate and up) run as one stacked kernel call, which needs one form for all
-of them: where the GGUF stores them in different types, all take int8.
+of them: where the GGUF stores them in different types, all take int8 (a Q6_K v beside
+Q4_K q and k too, with its blocks for the GEMM).
 """
 
 from __future__ import annotations
@@ -170,6 +174,24 @@ def unpack_q6_k(raw: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(v) for key, v in zip(GEMM_PACKS, values, strict=True)}
 
 
+def split_q6_k(raw: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q6_K blocks of an [n, k] tensor -> the 6-bit decode packs (`qmatmul.int6_linear`):
+    qweight [n, k/256 * 192] uint8, each block's nibble and bit-pair bytes, and scales
+    [n, k/256 * 18] uint8, its 16 int8 scales and float16 d: the file's bytes, split so
+    that the values and the scales of a row each lie in one run."""
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // 256, 210)
+    values = np.ascontiguousarray(blocks[:, :, :192]).reshape(n, k // 256 * 192)
+    scales = np.ascontiguousarray(blocks[:, :, 192:]).reshape(n, k // 256 * 18)
+    return {"qweight": torch.from_numpy(values), "scales": torch.from_numpy(scales)}
+
+
+def _int6_values(packs: dict[str, torch.Tensor]) -> torch.Tensor:
+    n, k = packs["qweight"].shape[0], packs["qweight"].shape[1] // 192 * 256
+    out = torch.empty(n, k)
+    qmatmul.int6_dequantize(packs["qweight"], packs["scales"], out)
+    return out
+
+
 def dequantize_q6_k(packs: dict[str, torch.Tensor]) -> torch.Tensor:
     """`unpack_q6_k`'s packs -> the float32 weights [n, k] they stand for."""
     q, scales, d = (packs[key] for key in GEMM_PACKS)
@@ -211,10 +233,14 @@ class GgufPacks:
 
     def mode_of(self, module: str) -> str:
         """ "int4" where the GGUF's 4-bit blocks serve the projection and all its stacked
-        siblings, else "int8"."""
+        siblings, "q6k" where its Q6_K blocks do (and ragqa's kernels run them), else
+        "int8"."""
         parent, _, part = module.rpartition(".")
         members = next((names for names in _SIBLINGS if part in names), (part,))
-        kinds = {_EXACT.get(self.type_of(f"{parent}.{m}" if parent else m) or "") for m in members}
+        types = {self.type_of(f"{parent}.{m}" if parent else m) for m in members}
+        if types == {"Q6_K"} and qmatmul.load():
+            return "q6k"
+        kinds = {_EXACT.get(name or "") for name in types}
         return "int4" if kinds == {"int4"} else "int8"
 
     def pack(
@@ -233,6 +259,19 @@ class GgufPacks:
         n, k = weight.shape
         if mode == "int4" and not qmatmul.supports_int4(k, GROUP):
             mode = "int8"  # the int4 kernel reads blocks in pairs: rows of 64k inputs
+        if mode == "q6k" and not qmatmul.supports_int6(k):
+            mode = "int8"
+        decode = None
+        if tensor is not None and mode == "q6k" and tensor.shape == (n, k):
+            decode = self._in_model_order(
+                module, split_q6_k(tensor.data, n, k), _int6_values, weight
+            )
+        if mode == "q6k" and decode is None:
+            if tensor is not None:
+                self._warn_not_the_models(
+                    module, tensor, n, k, "packing that projection as int8 from the model's weights"
+                )
+            mode = "int8"
         if tensor is not None and _EXACT.get(tensor.type_name) == mode:
             packs = None
             if tensor.shape == (n, k):
@@ -249,9 +288,10 @@ class GgufPacks:
             self._warn_not_the_models(
                 module, tensor, n, k, "packing that projection as int8 from the model's weights"
             )
-        packs = quantize_int8(weight)
-        # Decode steps read the int8 packs; the blocks serve the integer prefill GEMM, which
-        # the vocabulary projection never runs (it multiplies one row a sequence).
+        # Decode steps read the 6-bit packs or int8 ones; the blocks serve the integer
+        # prefill GEMM, which the vocabulary projection never runs (it multiplies one row a
+        # sequence).
+        packs = decode if decode is not None else quantize_int8(weight)
         if (
             tensor is not None
             and tensor.type_name == "Q6_K"
@@ -269,7 +309,7 @@ class GgufPacks:
                 )
             else:
                 packs = {**packs, **gemm}
-        return "int8", packs
+        return ("q6k" if decode is not None else "int8"), packs
 
     def _warn_not_the_models(
         self, module: str, tensor: GgufTensor, n: int, k: int, instead: str

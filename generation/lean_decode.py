@@ -157,10 +157,11 @@ def _fused_arguments(
     single = [o, down]
     if not all(isinstance(m, QuantizedLinear) and m.kernel and m.siblings is None for m in single):
         return None
-    # 0 selects the int8 kernel, a group size the int4 one; a model quantized from its GGUF
-    # mixes them (generation/gguf_packs.py).
+    # 0 selects the int8 kernel, a group size the int4 one, -1 the 6-bit one; a model
+    # quantized from its GGUF mixes them (generation/gguf_packs.py).
     qkv_group, o_group, gate_up_group, down_group = (
-        m.group_size if m.mode == "int4" else 0 for m in (qkv, o, gate_up, down)
+        m.group_size if m.mode == "int4" else -1 if m.mode == "q6k" else 0
+        for m in (qkv, o, gate_up, down)
     )
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     if any(w.dtype != torch.float32 for w in norms):

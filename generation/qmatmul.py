@@ -14,6 +14,7 @@ changes. The matmuls run on AVX-512 VNNI where the CPU has it and on AVX2 elsewh
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -26,7 +27,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("qmatmul.cpp", "decode_attention.cpp", "decode_layer.cpp")]
+SOURCES = [
+    CSRC / name
+    for name in ("qmatmul.cpp", "q6k_linear.cpp", "decode_attention.cpp", "decode_layer.cpp")
+]
+HEADERS = [CSRC / "kernel_common.h"]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
 
 _lock = threading.Lock()
@@ -51,6 +56,11 @@ def build_directory() -> Path:
     return Path(root) / "ragqa_qmatmul" / tag.replace("+", "_")
 
 
+def _headers_flag() -> str:
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()
+    return f"-DRAGQA_HEADERS_SHA256={digest[:16]}"
+
+
 def _build_and_load(folder: Path) -> None:
     from torch.utils import cpp_extension
 
@@ -69,7 +79,9 @@ def _build_and_load(folder: Path) -> None:
         cpp_extension.load(
             name="ragqa_qmatmul",
             sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            # The headers' hash is a flag so that a change to them rebuilds the library:
+            # torch decides whether to rebuild from the sources and flags alone.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", _headers_flag()],
             # libgomp.so.1 resolves to the copy torch already loaded (same soname), so
             # the kernels share torch's OpenMP thread pool.
             extra_ldflags=["-fopenmp"],
@@ -174,6 +186,19 @@ def int6_gemm(
     multiple of 256; `gguf_packs.unpack_q6_k`) -> [M, N] float32, on the integer GEMM.
     Values outside -32..31 raise RuntimeError."""
     return torch.ops.ragqa_qmatmul.q6_gemm(x.float(), q, scales, d)
+
+
+def int6_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) times a GGUF's Q6_K blocks as they are (K a multiple of
+    256): qw [N, K/256*192] uint8 (each block's nibbles and bit pairs), sw [N, K/256*18]
+    uint8 (its 16 int8 scales and float16 d; `gguf_packs.split_q6_k`) -> [M, N] float32,
+    for decode steps (AVX2, whatever kernel_isa says)."""
+    return torch.ops.ragqa_qmatmul.q6k_linear(x.float(), qw, sw)
+
+
+def int6_dequantize(qw: torch.Tensor, sw: torch.Tensor, out: torch.Tensor) -> None:
+    """`int6_linear`'s packs -> out [N, K] float32, the weights they stand for (in place)."""
+    torch.ops.ragqa_qmatmul.q6k_dequantize(qw, sw, out)
 
 
 def narrow_int8(qw: torch.Tensor) -> bool:

@@ -33,6 +33,8 @@ GGUF_GROUP = 32  # the int4 group of gguf packs: Q4_K's sub-block, Q4_1's block
 GEMM_PACKS = ("q6", "q6_scales", "q6_d")
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
+# What one layer holds: "q6k" is a GGUF's Q6_K blocks as they are, in "gguf" mode only.
+LAYER_MODES = ("int8", "int4", "q6k")
 
 
 def resolve_mode(mode: str, device: torch.device, has_gguf: bool = False) -> str:
@@ -172,9 +174,11 @@ class PrefillScratch:
 def expand_packed(
     qweight: torch.Tensor, scales: torch.Tensor, mode: str, group_size: int, out: torch.Tensor
 ) -> torch.Tensor:
-    """The float weight [N, K] that the kernels' packed int8/int4 weights stand for, in `out`."""
+    """The float weight [N, K] that the kernels' packed weights stand for, in `out`."""
     if mode == "int8":
         qmatmul.int8_dequantize(qweight, scales, out)
+    elif mode == "q6k":
+        qmatmul.int6_dequantize(qweight, scales, out)
     else:
         qmatmul.int4_dequantize(qweight, scales, group_size, out)
     return out
@@ -192,10 +196,14 @@ class QuantizedLinear(nn.Module):
         use_kernel: bool | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """`dtype`: what the model computes in, when `dense` still holds narrower weights."""
+        """`dtype`: what the model computes in, when `dense` still holds narrower weights.
+        Mode "q6k" takes a GGUF's Q6_K blocks as `packed` (`gguf_packs.split_q6_k`) and
+        needs ragqa's kernels."""
         super().__init__()
-        if mode not in ("int8", "int4"):
-            raise ValueError(f"mode must be int8 or int4, got {mode!r}")
+        if mode not in LAYER_MODES:
+            raise ValueError(f"mode must be one of {LAYER_MODES}, got {mode!r}")
+        if mode == "q6k" and packed is None:
+            raise ValueError("mode q6k takes its packs from a GGUF; none were given")
         self.mode = mode
         self.kernel = False
         self.group_size = group_size
@@ -216,19 +224,23 @@ class QuantizedLinear(nn.Module):
         if packed is None:
             packed = self.quantize(dense.weight.detach(), mode, group_size)
         if use_kernel is None:
-            fits = (
-                packed["scales"].dim() == 2  # per block (see `quantize`)
-                if mode == "int8"
-                else qmatmul.supports_int4(self.in_features, group_size)
-            )
+            if mode == "int8":
+                fits = packed["scales"].dim() == 2  # per block (see `quantize`)
+            elif mode == "q6k":
+                fits = qmatmul.supports_int6(self.in_features)
+            else:
+                fits = qmatmul.supports_int4(self.in_features, group_size)
             use_kernel = fits and qmatmul.load()
+        if mode == "q6k" and not use_kernel:
+            raise ValueError("mode q6k needs ragqa's kernels (AVX2 and a C++ compiler)")
         # ragqa's int8-activation kernels where they build, else torch's weight-only ones
         # (an 8960x1536 layer, one row, fp32 on an AVX2 CPU: int4 0.38 ms vs 13.4 ms for
         # torch's, which is slower than the float matmul's 2.7 ms; bench/quant_kernels.py).
         self.kernel = use_kernel
-        if mode == "int8" and use_kernel:
+        if mode in ("int8", "q6k") and use_kernel:
+            scales = packed["scales"] if mode == "q6k" else packed["scales"].half()
             self.register_buffer("qweight", packed["qweight"], persistent=False)
-            self.register_buffer("scales", packed["scales"].half(), persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
             if all(key in packed for key in GEMM_PACKS):
                 self.six_bit = tuple(packed[key] for key in GEMM_PACKS)
         elif mode == "int8":
@@ -290,7 +302,9 @@ class QuantizedLinear(nn.Module):
         if not (
             self.kernel
             and (
-                self.mode == "int4" or self.six_bit is not None or qmatmul.narrow_int8(self.qweight)
+                self.mode == "int4"
+                or self.six_bit is not None
+                or (self.mode == "int8" and qmatmul.narrow_int8(self.qweight))
             )
         ):
             return False
@@ -346,6 +360,8 @@ class QuantizedLinear(nn.Module):
             y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
         elif self.kernel and self.mode == "int8":
             y = qmatmul.int8_linear(flat, self.qweight, self.scales).to(x.dtype)
+        elif self.kernel and self.mode == "q6k":
+            y = qmatmul.int6_linear(flat, self.qweight, self.scales).to(x.dtype)
         elif self.kernel:
             y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
         elif self.mode == "int8":

@@ -74,15 +74,21 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     # int8 is "-b32": its scales went from one per row to one per block of 32, and a
     # cache of the old layout must not be read as the new one.
-    # gguf is "-q6k": it holds Q6_K blocks for the integer GEMM (GEMM_PACKS), which a cache
-    # written before would lack, leaving those layers on float copies.
-    suffix = {"int4": f"-g{group_size}", "gguf": "-q6k"}.get(mode, f"-b{qmatmul.BLOCK}")
+    # gguf is "-q6k-decode": it holds Q6_K blocks as the decode packs of those tensors (mode
+    # q6k) and for the integer GEMM (GEMM_PACKS); a cache written before holds int8 decode
+    # packs for them ("-q6k") or lacks the GEMM blocks too (no suffix).
+    suffix = {"int4": f"-g{group_size}", "gguf": "-q6k-decode"}.get(mode, f"-b{qmatmul.BLOCK}")
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
 # Caches that a cache of the same name replaces, written by an earlier ragqa: removed
 # once the new one is written (the 1.5B's gguf cache is 1.3 GB).
-SUPERSEDED = {"ragqa-quant-gguf-q6k.safetensors": ("ragqa-quant-gguf.safetensors",)}
+SUPERSEDED = {
+    "ragqa-quant-gguf-q6k-decode.safetensors": (
+        "ragqa-quant-gguf-q6k.safetensors",
+        "ragqa-quant-gguf.safetensors",
+    )
+}
 
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SOURCE_KEY = "ragqa_source"  # the cache's metadata entry naming the files it was packed from
@@ -307,8 +313,12 @@ def quantize_model(
                 kind = "int8" if mode == "gguf" else mode
                 packed = QuantizedLinear.quantize(linear.weight.detach(), kind, group_size)
             layer_mode = mode
-            if mode == "gguf":  # per layer, from the cache too: int4 packs are uint8
-                layer_mode = "int4" if packed["qweight"].dtype == torch.uint8 else "int8"
+            if mode == "gguf":  # per layer, from the cache too: int4 values are uint8, and
+                # 6-bit packs' scales too (int4 scales are float16, int8 ones as well)
+                if packed["scales"].dtype == torch.uint8:
+                    layer_mode = "q6k"
+                else:
+                    layer_mode = "int4" if packed["qweight"].dtype == torch.uint8 else "int8"
             # Packed from the narrow values if the model was loaded narrow: the same packs.
             quantized = QuantizedLinear(
                 linear,

@@ -74,6 +74,8 @@ class SiblingGroup:
         flat = x.reshape(-1, self.in_features)
         if self.mode == "int8":
             y = qmatmul.int8_linear(flat, self.qweight, self.scales)
+        elif self.mode == "q6k":
+            y = qmatmul.int6_linear(flat, self.qweight, self.scales)
         else:
             y = qmatmul.int4_linear(flat, self.qweight, self.scales, self.group_size)
         # The same arithmetic as an unfused member: cast, then add the bias.

@@ -111,8 +111,8 @@ def test_q8_0_and_q5_0_blocks_are_int8_packs_exactly(kind, unpack):
 
 
 # The tiny model's GGUF: which type each projection's weight has (None: not in the file).
-# Layer 0's v is Q8_0, so its q/k/v, stacked, all take int8, and its o is Q6_K (int8 for
-# decode steps, its blocks for the integer GEMM); layer 1 is all Q4_K.
+# Layer 0's v is Q8_0, so its q/k/v, stacked, all take int8, and its o is Q6_K (its blocks
+# as they are for decode steps, unpacked for the integer GEMM); layer 1 is all Q4_K.
 TYPES = {
     0: {"q": Q4_K, "k": Q4_K, "v": Q8_0, "o": Q6_K, "gate": Q4_K, "up": Q4_K, "down": Q5_0},
     1: {"q": Q4_K, "k": Q4_K, "v": Q4_K, "o": Q4_K, "gate": Q4_K, "up": Q4_K, "down": Q4_K},
@@ -176,7 +176,7 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
 
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
 @pytest.mark.parametrize("prefill_weights", ["float", "quantized", "integer"])
-def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ(
+def test_gguf_mode_takes_4_and_6_bit_blocks_as_they_are_and_int8_where_siblings_differ(
     tokenizer, tmp_path, prefill_weights
 ):
     model = gguf_model(tokenizer, tmp_path)
@@ -203,8 +203,13 @@ def test_gguf_mode_takes_4_bit_blocks_as_they_are_and_int8_where_siblings_differ
         (0, "up"),
         *((1, part) for part in MODULES),
     }
-    assert {modes[(0, part)][0] for part in ("q", "v", "o", "down")} == {"int8"}
+    assert {modes[(0, part)][0] for part in ("q", "v", "down")} == {"int8"}
+    assert modes[(0, "o")][0] == "q6k"
     o_proj = model.get_submodule("model.layers.0.self_attn.o_proj")
+    # Its decode packs are the file's blocks: exactly the model's weights.
+    expanded = torch.empty_like(floats["model.layers.0.self_attn.o_proj"])
+    qmatmul.int6_dequantize(o_proj.qweight, o_proj.scales, expanded)
+    assert torch.equal(expanded, floats["model.layers.0.self_attn.o_proj"])
     if prefill_weights == "integer":  # its Q6_K blocks, exactly, for the GEMM
         q6, q6_scales, q6_d = o_proj.six_bit
         packs = {"q6": q6, "q6_scales": q6_scales, "q6_d": q6_d}
@@ -252,7 +257,8 @@ def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_fo
     quantize_model(model, "gguf", gguf=tmp_path / "model.gguf", group_size=64)
     engine = Engine(model, tokenizer, name="gguf")
     assert engine.lean is not None
-    # Both layers take the C++ path, layer 0 with int8 q/k/v, o and down beside an int4 MLP.
+    # Both layers take the C++ path, layer 0 with int8 q/k/v and down and a 6-bit o beside
+    # int4 gate/up.
     assert [layer.fused is not None for layer in engine.lean.layers] == [True, True]
     prompt = tokenizer.encode("A prompt about copper wires")
     out = engine.generate(prompt, GenerationParams(max_new_tokens=12, ignore_eos=True))
@@ -267,12 +273,17 @@ def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_fo
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
 def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
     cache = cache_path(tmp_path, "gguf", 64)
-    stale = tmp_path / "ragqa-quant-gguf.safetensors"  # an earlier ragqa's, without Q6_K
-    stale.write_bytes(b"packs without the Q6_K blocks")
+    # Earlier ragqas': without Q6_K blocks, and with them for the GEMM only.
+    stale = [
+        tmp_path / "ragqa-quant-gguf.safetensors",
+        tmp_path / "ragqa-quant-gguf-q6k.safetensors",
+    ]
+    for file in stale:
+        file.write_bytes(b"packs without the Q6_K blocks for decode steps")
     first = gguf_model(tokenizer, tmp_path)
     quantize_model(first, "gguf", gguf=tmp_path / "model.gguf", cache=cache)
-    assert cache.name == "ragqa-quant-gguf-q6k.safetensors" and cache.exists()
-    assert not stale.exists()
+    assert cache.name == "ragqa-quant-gguf-q6k-decode.safetensors" and cache.exists()
+    assert not any(file.exists() for file in stale)
     second = gguf_model(tokenizer, tmp_path / "other")  # the same weights (seeds), a new file
     (tmp_path / "other" / "model.gguf").unlink()  # a read of it would fail
     o_name = "model.layers.0.self_attn.o_proj"
@@ -460,7 +471,8 @@ def test_a_sample_of_rows_puts_q_and_k_in_order_and_tells_other_values_apart(
     assert mode == "int8" and packed["qweight"] is shuffled
 
 
-def test_q6_k_blocks_come_beside_the_int8_packs_except_for_the_vocabulary_projection(tmp_path):
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_q6_k_tensors_decode_from_their_blocks_and_keep_gemm_blocks_but_the_vocabulary(tmp_path):
     writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
     weights = {}
     for module, (n, k) in {"lm_head": (40, 256), "model.layers.0.mlp.down_proj": (24, 512)}.items():
@@ -476,8 +488,11 @@ def test_q6_k_blocks_come_beside_the_int8_packs_except_for_the_vocabulary_projec
     mode, down = packs.pack(
         "model.layers.0.mlp.down_proj", weights["model.layers.0.mlp.down_proj"], quantize
     )
-    assert mode == "int8" and set(down) == {"qweight", "scales", *GEMM_PACKS}
+    assert mode == "q6k" and set(down) == {"qweight", "scales", *GEMM_PACKS}
     assert torch.equal(dequantize_q6_k(down), weights["model.layers.0.mlp.down_proj"])
+    expanded = torch.empty(24, 512)
+    qmatmul.int6_dequantize(down["qweight"], down["scales"], expanded)
+    assert torch.equal(expanded, weights["model.layers.0.mlp.down_proj"])
     # It multiplies one row a sequence, never on the prefill GEMM: no blocks to keep.
     mode, vocabulary = packs.pack("lm_head", weights["lm_head"], quantize)
-    assert mode == "int8" and set(vocabulary) == {"qweight", "scales"}
+    assert mode == "q6k" and set(vocabulary) == {"qweight", "scales"}

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from generation import qmatmul
+from generation.gguf_packs import split_q6_k, unpack_q6_k
 from generation.quant import (
     QuantizedLinear,
     dequantize_int4,
@@ -432,3 +434,66 @@ def test_int6_gemm_rejects_inputs_that_are_not_whole_blocks_of_256():
     q, scales, d = _q6_weights(8, 256)
     with pytest.raises(RuntimeError, match="K must be a multiple of 256, got 128"):
         qmatmul.int6_gemm(torch.randn(20, 128), q[:, :128], scales[:, :8], d)
+
+
+def _q6_k_raw(n, k, seed=0):
+    """Random Q6_K bytes [n, k/256 * 210] (any values and scales, d about 1e-3)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n * k // 256, 210), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.0, len(raw)) * 1e-3).astype(np.float16)
+    raw[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def _q6_k_packs(raw, n, k):
+    """(decode packs qweight, scales; the exact weights [n, k] as float64), the latter from
+    gguf_packs.unpack_q6_k, which equals gguf's own dequantizer (test_gguf_packs)."""
+    decode = split_q6_k(raw, n, k)
+    exact = unpack_q6_k(raw, n, k)
+    return decode["qweight"], decode["scales"], _q6_values(*exact.values()).double()
+
+
+# M: one decode row, a tile of 3, a whole tile of 4 and one more; K: 1 and 4 superblocks.
+@pytest.mark.parametrize(("n", "m", "k"), [(21, 1, 256), (40, 3, 1024), (17, 5, 512), (8, 4, 256)])
+def test_int6_linear_equals_integer_arithmetic_on_int8_activations(n, m, k):
+    qw, sw, weight = _q6_k_packs(_q6_k_raw(n, k, seed=n), n, k)
+    x = torch.randn(m, k)
+    xq, _ = _quantized_activations(x)
+    y = qmatmul.int6_linear(x, qw, sw)
+    assert y.shape == (m, n)
+    assert torch.allclose(y.double(), xq.double() @ weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch():
+    qw, sw, _ = _q6_k_packs(_q6_k_raw(33, 768), 33, 768)
+    x = torch.randn(7, 768)
+    rows = torch.cat([qmatmul.int6_linear(x[i : i + 1], qw, sw) for i in range(7)])
+    assert torch.equal(qmatmul.int6_linear(x, qw, sw), rows)
+
+
+def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow():
+    # Stored 63 (q = 31) and 0 (q = -32) against activations of 127 and -127, scales 127
+    # and -128: a maddubs lane reaches 2 * 63 * 127, the block sums 32 * 63 * 127 * 128.
+    k = 256
+    raw = np.zeros((2, 210), dtype=np.uint8)
+    raw[0, :192], raw[0, 192:208] = 0xFF, 0x7F  # every value 63, every scale 127
+    raw[1, :192], raw[1, 192:208] = 0x00, 0x80  # every value 0, every scale -128
+    raw[:, 208:210] = np.full(2, 1.0, np.float16).view(np.uint8).reshape(2, 2)
+    qw, sw, weight = _q6_k_packs(raw, 2, k)
+    x = torch.cat([torch.full((1, k), 2.0), torch.full((1, k), -2.0)])
+    assert torch.equal(qmatmul.int6_linear(x, qw, sw).double(), x.double() @ weight.T)
+
+
+def test_int6_dequantize_gives_the_weights_the_blocks_stand_for():
+    qw, sw, weight = _q6_k_packs(_q6_k_raw(9, 512), 9, 512)
+    out = torch.empty(9, 512)
+    qmatmul.int6_dequantize(qw, sw, out)
+    assert torch.equal(out.double(), weight)
+
+
+def test_int6_linear_rejects_inputs_that_are_not_whole_blocks_of_256():
+    qw, sw, _ = _q6_k_packs(_q6_k_raw(8, 256), 8, 256)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 256, got 128"):
+        qmatmul.int6_linear(torch.randn(1, 128), qw, sw)
+    with pytest.raises(RuntimeError, match=r"qw must be \[N, K/256\*192\]"):
+        qmatmul.int6_linear(torch.randn(1, 512), qw, sw)

@@ -10,7 +10,8 @@
 //
 // Weights are the quantized kernels' packs, each projection with its own group: 0 selects
 // the int8 kernel (qw [N, K] int8, scales [N, K/32] fp16), > 0 the int4 one (qs [N, K/2],
-// sm [N, K/g, 2]). A model quantized from its GGUF mixes both (generation/gguf_packs.py).
+// sm [N, K/g, 2]), -1 the 6-bit one (a GGUF's Q6_K blocks: q6k_linear.cpp). A model
+// quantized from its GGUF mixes them (generation/gguf_packs.py).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -22,6 +23,7 @@ namespace ragqa {
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& sm,
                      int64_t group);
+at::Tensor q6k_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sw);
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, const std::optional<at::Tensor>& mask,
                             double scale);
@@ -41,8 +43,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                    const std::optional<at::Tensor>& bias, int64_t group) {
   const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat);
-  at::Tensor y = group > 0 ? ragqa::q4_linear(flat, weight, scales, group)
-                           : ragqa::q8_linear(flat, weight, scales);
+  at::Tensor y = group > 0    ? ragqa::q4_linear(flat, weight, scales, group)
+                 : group < 0 ? ragqa::q6k_linear(flat, weight, scales)
+                             : ragqa::q8_linear(flat, weight, scales);
   y = y.to(x.scalar_type());
   if (bias.has_value()) y = y + *bias;
   return y;

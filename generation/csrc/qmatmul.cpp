@@ -27,6 +27,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernel_common.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -37,7 +39,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;
+using namespace ragqa::common;
 
 // Functions compiled for AVX-512 with VNNI, called only where the CPU has it (`avx512_on`):
 // the library as a whole is built for AVX2, so it loads on every CPU the kernels support.
@@ -60,21 +62,12 @@ std::atomic<bool>& avx512_wanted() {
 
 inline bool avx512_on() { return avx512_wanted().load(std::memory_order_relaxed); }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // How a kernel wants the int8 activations laid out.
 enum class ActivationLayout {
@@ -137,14 +130,6 @@ void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
     }
   }
 }
-
-// Bytes of weights requested ahead of the row being read. A decode step streams every
-// weight once from DRAM (1.6 GB for the 1.5B model), and the hardware prefetcher alone
-// left the kernel 22-26% slower than a plain read of the same bytes; 1 KiB ahead brought
-// that to 11-17% (bench/quant_kernels.py, "decode_step", two runs each). The int4 kernel
-// reads half the bytes a block: 512, 1024 and 2048 ahead measured 1.18x, 1.13x and 1.11x a
-// plain read on a Zen 4 EPYC, within one run's noise of each other ("decode_step_int4").
-constexpr int64_t kPrefetchBytes = 1024;
 
 // The AVX2 kernels sum 8 blocks in integers before they touch a float: each block's 8
 // int32 partial sums are reduced so that lane j holds block j's whole sum (exact, so
@@ -290,7 +275,6 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
     for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = hsum(acc[i]) + hsum(min_acc[i]);
   }
 }
-
 
 inline __m256i load_block(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -909,21 +893,6 @@ void gemm_tile_q6(const uint8_t* wp, const float* s, const int32_t* sub, const i
   store_tile<R, P>(acc, y, m0, n0, N);
 }
 
-// Splits output rows across intra-op threads and activation rows into tiles of up to 4.
-template <typename RowsFn>
-void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, n0, n1, m);
-    switch (M - m) {
-      case 3: rows(std::integral_constant<int, 3>{}, n0, n1, m); break;
-      case 2: rows(std::integral_constant<int, 2>{}, n0, n1, m); break;
-      case 1: rows(std::integral_constant<int, 1>{}, n0, n1, m); break;
-      default: break;
-    }
-  });
-}
-
 // The activations of one call, quantized once and read by every output row.
 struct QuantizedInput {
   at::Tensor xq, dx, xsum;
@@ -1042,6 +1011,11 @@ auto minimum_form_tile(const QuantizedInput& in, int64_t N, int64_t K) {
 
 // Called by decode_layer.cpp too.
 namespace ragqa {
+
+common::PlainActivations quantize_plain(const at::Tensor& x) {
+  QuantizedInput in = quantize_input(x, false, ActivationLayout::kPlain);
+  return {in.xq, in.dx};
+}
 
 // x [M, K] float32, qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {

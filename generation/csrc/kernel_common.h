@@ -1,0 +1,62 @@
+// What the CPU kernels of qmatmul.cpp and q6k_linear.cpp share: the block of int8
+// activations, float helpers, the prefetch distance and the split of a matmul into tiles.
+// Header-only and inline: each kernel library source includes it (qmatmul.py rebuilds the
+// library when it changes, since torch's extension builder hashes only the sources).
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace ragqa::common {
+
+constexpr int64_t kBlock = 32;  // activations are quantized per block of 32 inputs
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// Bytes of weights requested ahead of the row being read. A decode step streams every
+// weight once from DRAM (1.6 GB for the 1.5B model), and the hardware prefetcher alone
+// left the kernel 22-26% slower than a plain read of the same bytes; 1 KiB ahead brought
+// that to 11-17% (bench/quant_kernels.py, "decode_step", two runs each). The int4 kernel
+// reads half the bytes a block: 512, 1024 and 2048 ahead measured 1.18x, 1.13x and 1.11x a
+// plain read on a Zen 4 EPYC, within one run's noise of each other ("decode_step_int4").
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Splits output rows across intra-op threads and activation rows into tiles of up to 4.
+template <typename RowsFn>
+void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, n0, n1, m);
+    switch (M - m) {
+      case 3: rows(std::integral_constant<int, 3>{}, n0, n1, m); break;
+      case 2: rows(std::integral_constant<int, 2>{}, n0, n1, m); break;
+      case 1: rows(std::integral_constant<int, 1>{}, n0, n1, m); break;
+      default: break;
+    }
+  });
+}
+
+// Activations quantized to int8 per block of 32, in input order (qmatmul.cpp's
+// quantize_input with the plain layout): xq [M, K] int8, dx [M, K/32] float32.
+struct PlainActivations {
+  at::Tensor xq, dx;
+};
+
+}  // namespace ragqa::common
+
+namespace ragqa {
+// x [M, K] float32 -> its int8 activations per block of 32 (defined in qmatmul.cpp).
+common::PlainActivations quantize_plain(const at::Tensor& x);
+}  // namespace ragqa
