@@ -262,10 +262,23 @@ class GgufPacks:
         if mode == "q6k" and not qmatmul.supports_int6(k):
             mode = "int8"
         decode = None
-        if tensor is not None and mode == "q6k" and tensor.shape == (n, k):
-            decode = self._in_model_order(
-                module, split_q6_k(tensor.data, n, k), _int6_values, weight
-            )
+        # A Q6_K tensor's rows are checked once, on its decode packs (the cheaper to expand),
+        # and the order found serves its prefill packs too.
+        q6k_order: tuple[bool, torch.Tensor | None] = (False, None)
+        if (
+            tensor is not None
+            and tensor.type_name == "Q6_K"
+            and tensor.shape == (n, k)
+            and qmatmul.supports_int6(k)
+        ):
+            split = split_q6_k(tensor.data, n, k)
+            if qmatmul.load():
+                q6k_order = self._model_order(module, split, _int6_values, weight)
+            else:  # no kernels to expand the decode packs: numpy expands the GEMM ones
+                gemm = unpack_q6_k(tensor.data, n, k)
+                q6k_order = self._model_order(module, gemm, dequantize_q6_k, weight)
+            if mode == "q6k" and q6k_order[0]:
+                decode = _rows_in_order(split, q6k_order[1])
         if mode == "q6k" and decode is None:
             if tensor is not None:
                 self._warn_not_the_models(
@@ -276,13 +289,12 @@ class GgufPacks:
             packs = None
             if tensor.shape == (n, k):
                 q, scales = _UNPACK[tensor.type_name](tensor.data, n, k)
-                packs = self._in_model_order(
-                    module,
-                    {"qweight": q, "scales": scales},
-                    _int4_values if mode == "int4" else _int8_values,
-                    weight,
-                    {"scales": 1} if mode == "int4" else None,  # int4 scales: [K/32, N, 2]
-                )
+                found = {"qweight": q, "scales": scales}
+                dims = {"scales": 1} if mode == "int4" else None  # int4 scales: [K/32, N, 2]
+                values = _int4_values if mode == "int4" else _int8_values
+                ok, order = self._model_order(module, found, values, weight, dims)
+                if ok:
+                    packs = _rows_in_order(found, order, dims)
             if packs is not None:
                 return mode, packs
             self._warn_not_the_models(
@@ -298,17 +310,13 @@ class GgufPacks:
             and module != "lm_head"
             and qmatmul.supports_int6(k)
         ):
-            gemm = None
-            if tensor.shape == (n, k):
-                gemm = self._in_model_order(
-                    module, unpack_q6_k(tensor.data, n, k), dequantize_q6_k, weight
-                )
-            if gemm is None:
+            found, order = q6k_order
+            if found:
+                packs = {**packs, **_rows_in_order(unpack_q6_k(tensor.data, n, k), order)}
+            else:
                 self._warn_not_the_models(
                     module, tensor, n, k, "its prefill keeps a float copy instead of the blocks"
                 )
-            else:
-                packs = {**packs, **gemm}
         return ("q6k" if decode is not None else "int8"), packs
 
     def _warn_not_the_models(
@@ -328,22 +336,22 @@ class GgufPacks:
             instead,
         )
 
-    def _in_model_order(
+    def _model_order(
         self,
         module: str,
         packs: dict[str, torch.Tensor],
         values: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         weight: torch.Tensor,
         row_dims: dict[str, int] | None = None,
-    ) -> dict[str, torch.Tensor] | None:
-        """`packs` with their rows in the model's order, checked against its weight [N, K]
-        by `values` (packs of some rows -> their float weights). A pack's rows run along
-        dimension 0 unless `row_dims` names another.
+    ) -> tuple[bool, torch.Tensor | None]:
+        """(found, order): whether the packs' rows, taken in `order` (None: as they lie),
+        hold the model's weight [N, K], as `values` (packs of some rows -> their float
+        weights) expands them. A pack's rows run along dimension 0 unless `row_dims` names
+        another. (False, None) when no order gives the model's values.
 
         llama.cpp's converter reorders the rows of q and k for Llama-architecture models
         (each head's two rotary halves interleaved), which transformers undoes on loading;
         the blocks run along rows, so the same reordering of whole rows undoes it here.
-        None when no order gives the model's values.
         """
         n = weight.shape[0]
         orders: list[torch.Tensor | None] = [None]
@@ -352,14 +360,6 @@ class GgufPacks:
             # GGUF row r holds the model's row interleaved[r]: the inverse puts them back.
             interleaved = torch.arange(n).reshape(heads, 2, n // heads // 2).transpose(1, 2)
             orders.append(torch.argsort(interleaved.reshape(n)))
-        dims = row_dims or {}
-
-        def rows_of(index: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {
-                key: pack.index_select(dims.get(key, 0), index).contiguous()
-                for key, pack in packs.items()
-            }
-
         # Rows spread over the whole tensor, every head's among them: another model's values
         # differ in every row and a wrong order moves all but a few rows of each head, so a
         # sample tells them apart as the whole did, for a fraction of the dequantization
@@ -367,11 +367,23 @@ class GgufPacks:
         sample = torch.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().long().unique()
         reference = weight[sample].float()
         for order in orders:
-            found = values(rows_of(sample if order is None else order[sample]))
+            rows = sample if order is None else order[sample]
+            found = values(_rows_in_order(packs, rows, row_dims))
             # Taken as they are, the packs differ from the checkpoint by its bfloat16 rounding
             # (about 1e-3 of the weights' mean magnitude); rows out of order, by about 1x.
             if (found - reference).abs().mean() <= 0.01 * reference.abs().mean():
-                if order is None:
-                    return {key: pack.contiguous() for key, pack in packs.items()}
-                return rows_of(order)
-        return None
+                return True, order
+        return False, None
+
+
+def _rows_in_order(
+    packs: dict[str, torch.Tensor],
+    order: torch.Tensor | None,
+    row_dims: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The packs' rows `order` (None: all, as they lie), each pack contiguous."""
+    dims = row_dims or {}
+    return {
+        key: (pack if order is None else pack.index_select(dims.get(key, 0), order)).contiguous()
+        for key, pack in packs.items()
+    }

@@ -128,6 +128,14 @@ MODULES = {
 }
 
 
+def finish(writer: GGUFWriter) -> None:
+    """Write out and close a GGUF file whose fields and tensors are all added."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
     """A random 2-layer Llama (rows of 256 inputs: whole Q4_K blocks) whose projections hold
     the dequantized values of folder/model.gguf, as a converted checkpoint does; lm_head is
@@ -167,10 +175,7 @@ def gguf_model(tokenizer, folder: Path) -> LlamaForCausalLM:
                 values = values.reshape(heads, n // heads // 2, 2, k).transpose(1, 2).reshape(n, k)
             linear.weight.data = values
             writer.add_tensor(gguf_name(name), raw, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return model
 
 
@@ -356,10 +361,7 @@ def test_4_bit_rows_the_int4_kernel_cannot_read_in_pairs_of_blocks_take_int8(tmp
     raw = quants.quantize((torch.randn(8, 96) * 0.05).numpy(), Q4_1)  # 3 blocks a row
     writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
     writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=Q4_1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     weight = torch.from_numpy(quants.dequantize(raw, Q4_1))
     packs = GgufPacks(tmp_path / "model.gguf")
     assert packs.mode_of("model.layers.0.mlp.down_proj") == "int4"  # what the file holds
@@ -386,10 +388,7 @@ def test_the_gguf_file_reader_gives_the_scalars_and_tensors_ggufs_own_reader_giv
     for name, data in raw.items():
         kind = None if data.dtype == np.float32 else (Q4_K if "attn_q" in name else Q8_0)
         writer.add_tensor(name, data, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
     ours = GgufFile(path)
     theirs = GGUFReader(str(path))
@@ -413,10 +412,7 @@ def test_a_file_that_is_no_whole_gguf_is_refused_naming_what_is_wrong(tmp_path, 
     path = tmp_path / "model.gguf"
     writer = GGUFWriter(str(path), "llama")
     writer.add_tensor("blk.0.ffn_down.weight", np.ones((64, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     data = path.read_bytes()
     if damage == "not a gguf":
         path.write_bytes(b"GGML" + data[4:])
@@ -479,10 +475,7 @@ def test_q6_k_tensors_decode_from_their_blocks_and_keep_gemm_blocks_but_the_voca
         raw = q6_k_blocks(n, k, seed=n)
         weights[module] = torch.from_numpy(quants.dequantize(raw, Q6_K)).float()
         writer.add_tensor(gguf_name(module), raw, raw_dtype=Q6_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     packs = GgufPacks(tmp_path / "model.gguf")
     quantize = lambda w: QuantizedLinear.quantize(w, "int8", 32)  # noqa: E731
     mode, down = packs.pack(
@@ -496,3 +489,31 @@ def test_q6_k_tensors_decode_from_their_blocks_and_keep_gemm_blocks_but_the_voca
     # It multiplies one row a sequence, never on the prefill GEMM: no blocks to keep.
     mode, vocabulary = packs.pack("lm_head", weights["lm_head"], quantize)
     assert mode == "q6k" and set(vocabulary) == {"qweight", "scales"}
+
+
+@pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
+def test_q6_k_q_rows_llama_cpp_interleaved_come_back_in_model_order_for_decode_and_gemm(
+    tmp_path,
+):
+    writer = GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    weights = {}
+    for part, n in {"q_proj": 256, "k_proj": 128, "v_proj": 128}.items():
+        module = f"model.layers.0.self_attn.{part}"
+        raw = q6_k_blocks(n, 256, seed=n + len(part))
+        values = torch.from_numpy(quants.dequantize(raw, Q6_K)).float()
+        if part != "v_proj":
+            heads = 4 if part == "q_proj" else 2
+            values = values.reshape(heads, n // heads // 2, 2, 256).transpose(1, 2).reshape(n, 256)
+        weights[module] = values
+        writer.add_tensor(gguf_name(module), raw, raw_dtype=Q6_K)
+    finish(writer)
+    packs = GgufPacks(tmp_path / "model.gguf")
+    for module, weight in weights.items():
+        mode, packed = packs.pack(module, weight, dict)
+        assert mode == "q6k", module
+        expanded = torch.empty(weight.shape)
+        qmatmul.int6_dequantize(packed["qweight"], packed["scales"], expanded)
+        assert torch.equal(expanded, weight), module
+        assert torch.equal(dequantize_q6_k(packed), weight), module
