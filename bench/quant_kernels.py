@@ -21,8 +21,8 @@ instead streams every layer's weights from memory once, so `decode_step` (int8),
 the models whose every layer takes them: the 1.5B) time ragqa's kernel over distinct
 weights for every layer (1.6 GB for the 1.5B model in int8) against a plain read of the
 same number of bytes: the memory-bandwidth floor of a decode step. On a CPU with AVX-512
-VNNI, where the int4/int8 kernels run on it, the AVX2 ones are timed over the same weights
-in the same rounds (`ratio_<kind>_avx512-vnni_vs_avx2`); the 6-bit kernel is AVX2 code.
+VNNI, where the int4/int8/int6 kernels run on it, the AVX2 ones are timed over the same
+weights in the same rounds (`ratio_<kind>_avx512-vnni_vs_avx2`).
 """
 
 from __future__ import annotations
@@ -124,8 +124,7 @@ def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, flo
         return run
 
     default_isa = qmatmul.kernel_isa()
-    # The 6-bit kernel is AVX2 code whatever the choice: one path to time.
-    isas = [default_isa] if kind == "int6" else qmatmul.available_kernel_isas()
+    isas = qmatmul.available_kernel_isas()
     times: dict[str, list[float]] = {name: [] for name in [*isas, "read"]}
     with torch.inference_mode():
         for isa in isas:  # warm-up, once: every pass streams the same bytes anyway

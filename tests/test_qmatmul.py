@@ -455,7 +455,7 @@ def _q6_k_packs(raw, n, k):
 
 # M: one decode row, a tile of 3, a whole tile of 4 and one more; K: 1 and 4 superblocks.
 @pytest.mark.parametrize(("n", "m", "k"), [(21, 1, 256), (40, 3, 1024), (17, 5, 512), (8, 4, 256)])
-def test_int6_linear_equals_integer_arithmetic_on_int8_activations(n, m, k):
+def test_int6_linear_equals_integer_arithmetic_on_int8_activations(isa, n, m, k):
     qw, sw, weight = _q6_k_packs(_q6_k_raw(n, k, seed=n), n, k)
     x = torch.randn(m, k)
     xq, _ = _quantized_activations(x)
@@ -464,14 +464,14 @@ def test_int6_linear_equals_integer_arithmetic_on_int8_activations(n, m, k):
     assert torch.allclose(y.double(), xq.double() @ weight.T, atol=1e-5, rtol=1e-5)
 
 
-def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch():
+def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch(isa):
     qw, sw, _ = _q6_k_packs(_q6_k_raw(33, 768), 33, 768)
     x = torch.randn(7, 768)
     rows = torch.cat([qmatmul.int6_linear(x[i : i + 1], qw, sw) for i in range(7)])
     assert torch.equal(qmatmul.int6_linear(x, qw, sw), rows)
 
 
-def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow():
+def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow(isa):
     # Stored 63 (q = 31) and 0 (q = -32) against activations of 127 and -127, scales 127
     # and -128: a maddubs lane reaches 2 * 63 * 127, the block sums 32 * 63 * 127 * 128.
     k = 256

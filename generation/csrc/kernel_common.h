@@ -12,6 +12,12 @@
 #include <cstdint>
 #include <type_traits>
 
+// Functions compiled for AVX-512 with VNNI, called only where the CPU has it
+// (`ragqa::avx512_kernels_on`): the library as a whole is built for AVX2, so it loads on
+// every CPU the kernels support.
+#define RAGQA_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
 namespace ragqa::common {
 
 constexpr int64_t kBlock = 32;  // activations are quantized per block of 32 inputs
@@ -49,7 +55,8 @@ void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {
 }
 
 // Activations quantized to int8 per block of 32, in input order (qmatmul.cpp's
-// quantize_input with the plain layout): xq [M, K] int8, dx [M, K/32] float32.
+// quantize_input with the plain layout, or with x + 128 as unsigned bytes for the AVX-512
+// kernels): xq [M, K] int8, dx [M, K/32] float32.
 struct PlainActivations {
   at::Tensor xq, dx;
 };
@@ -57,6 +64,9 @@ struct PlainActivations {
 }  // namespace ragqa::common
 
 namespace ragqa {
-// x [M, K] float32 -> its int8 activations per block of 32 (defined in qmatmul.cpp).
-common::PlainActivations quantize_plain(const at::Tensor& x);
+// x [M, K] float32 -> its int8 activations per block of 32, stored as x + 128 (unsigned)
+// when `unsigned_bytes` (defined in qmatmul.cpp).
+common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes);
+// Whether the AVX-512 VNNI kernels run (the CPU has them and no caller asked for AVX2).
+bool avx512_kernels_on();
 }  // namespace ragqa

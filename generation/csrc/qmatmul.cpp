@@ -41,11 +41,6 @@ namespace {
 
 using namespace ragqa::common;
 
-// Functions compiled for AVX-512 with VNNI, called only where the CPU has it (`avx512_on`):
-// the library as a whole is built for AVX2, so it loads on every CPU the kernels support.
-#define RAGQA_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
-
 bool cpu_has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -1012,10 +1007,13 @@ auto minimum_form_tile(const QuantizedInput& in, int64_t N, int64_t K) {
 // Called by decode_layer.cpp too.
 namespace ragqa {
 
-common::PlainActivations quantize_plain(const at::Tensor& x) {
-  QuantizedInput in = quantize_input(x, false, ActivationLayout::kPlain);
+common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes) {
+  QuantizedInput in = quantize_input(
+      x, false, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain);
   return {in.xq, in.dx};
 }
+
+bool avx512_kernels_on() { return avx512_on(); }
 
 // x [M, K] float32, qw [N, K] int8, scales [N, K/32] float16 -> [M, N] float32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
@@ -1252,7 +1250,7 @@ void q4_dequantize(const at::Tensor& qs, const at::Tensor& sm, int64_t group,
 // Whether this CPU can run the AVX-512 VNNI kernels (avx512f, bw, vl, dq and vnni).
 bool avx512_vnni_supported() { return cpu_has_avx512_vnni(); }
 
-// "avx512-vnni" or "avx2": the kernels q4_linear and q8_linear run.
+// "avx512-vnni" or "avx2": the kernels q4_linear, q8_linear and q6k_linear run.
 std::string kernel_isa() { return avx512_on() ? "avx512-vnni" : "avx2"; }
 
 // Chooses the kernels ("avx2" or "avx512-vnni", which needs a CPU with it) and returns the
