@@ -194,12 +194,14 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
         const __m512i ab = _mm512_loadu_si512(q + 64 * h);
         const __m512i t = _mm512_broadcast_i64x4(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128 + 32 * h)));
-        // inputs 128h + [0, 64): low nibbles of ab, and inputs 128h + [64, 128): high ones
+        // inputs 128h + [0, 64): low nibbles of ab, and inputs 128h + [64, 128): high ones;
+        // ternary logic 0xEC: (a & c) | b, the nibble's mask and the or in one instruction
         const __m512i v[2] = {
-            _mm512_or_si512(_mm512_and_si512(ab, low4),
-                            _mm512_and_si512(_mm512_sllv_epi16(t, up), top2)),
-            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ab, 4), low4),
-                            _mm512_and_si512(_mm512_srlv_epi16(t, down), top2))};
+            _mm512_ternarylogic_epi32(
+                ab, _mm512_and_si512(_mm512_sllv_epi16(t, up), top2), low4, 0xEC),
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(ab, 4),
+                                      _mm512_and_si512(_mm512_srlv_epi16(t, down), top2), low4,
+                                      0xEC)};
         for (int j = 0; j < 2; ++j) {
           base[2 * h + j] = _mm512_dpbusd_epi32(start, v[j], minus128);
           w[2 * h + j] = _mm512_sub_epi8(v[j], bias);
