@@ -192,7 +192,7 @@ def int6_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Te
     """x [M, K] (any float dtype) times a GGUF's Q6_K blocks as they are (K a multiple of
     256): qw [N, K/256*192] uint8 (each block's nibbles and bit pairs), sw [N, K/256*18]
     uint8 (its 16 int8 scales and float16 d; `gguf_packs.split_q6_k`) -> [M, N] float32,
-    for decode steps (AVX2, whatever kernel_isa says)."""
+    for decode steps (on the kernels `kernel_isa` names)."""
     return torch.ops.ragqa_qmatmul.q6k_linear(x.float(), qw, sw)
 
 
