@@ -156,13 +156,10 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
   const __m512i bias = _mm512_set1_epi8(32), minus128 = _mm512_set1_epi8(-128);
   const __m512i start = _mm512_set1_epi32(16384);  // 128 * the 4 lanes' -32 offsets
   // Shifts bringing bit pairs 0 / 1 (first vector of a half) and 2 / 3 (second) to bits 4-5:
-  // the 256-bit halves of a vector hold blocks j and j + 1 of the half.
-  const __m512i up = _mm512_setr_epi64(0x0004000400040004, 0x0004000400040004,
-                                       0x0004000400040004, 0x0004000400040004,
-                                       0x0002000200020002, 0x0002000200020002,
-                                       0x0002000200020002, 0x0002000200020002);
-  const __m512i down = _mm512_setr_epi64(0, 0, 0, 0, 0x0002000200020002, 0x0002000200020002,
-                                         0x0002000200020002, 0x0002000200020002);
+  // the 256-bit halves of a vector hold blocks j and j + 1 of the half. 64-bit lanes carry
+  // bits between bytes as 16-bit ones would, and the masks keep only each byte's own.
+  const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2);
+  const __m512i down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
   // group g of 16 inputs takes block g / 2's dx; vector z's lane l group 4z + l / 4
   const __m512i pair_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   __m512i group_of[4];
@@ -198,9 +195,9 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
         // ternary logic 0xEC: (a & c) | b, the nibble's mask and the or in one instruction
         const __m512i v[2] = {
             _mm512_ternarylogic_epi32(
-                ab, _mm512_and_si512(_mm512_sllv_epi16(t, up), top2), low4, 0xEC),
+                ab, _mm512_and_si512(_mm512_sllv_epi64(t, up), top2), low4, 0xEC),
             _mm512_ternarylogic_epi32(_mm512_srli_epi16(ab, 4),
-                                      _mm512_and_si512(_mm512_srlv_epi16(t, down), top2), low4,
+                                      _mm512_and_si512(_mm512_srlv_epi64(t, down), top2), low4,
                                       0xEC)};
         for (int j = 0; j < 2; ++j) {
           base[2 * h + j] = _mm512_dpbusd_epi32(start, v[j], minus128);
