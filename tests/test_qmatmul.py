@@ -156,12 +156,18 @@ def test_both_instruction_sets_sum_the_same_products_and_differ_only_in_float_ro
     _, _, qs, sm = _weights(n=64, k=1088, g=32)
     q8, s8 = quantize_int8_blocks(torch.randn(64, 1088) * 0.05)
     x = torch.randn(4, 1088)
+    qw6, sw6, _ = _q6_k_packs(_q6_k_raw(48, 1024), 48, 1024)
+    x6 = torch.randn(4, 1024)
     outputs = {}
     previous = qmatmul.kernel_isa()
     try:
         for isa in available:
             qmatmul.set_kernel_isa(isa)
-            outputs[isa] = (qmatmul.int4_linear(x, qs, sm, 32), qmatmul.int8_linear(x, q8, s8))
+            outputs[isa] = (
+                qmatmul.int4_linear(x, qs, sm, 32),
+                qmatmul.int8_linear(x, q8, s8),
+                qmatmul.int6_linear(x6, qw6, sw6),
+            )
     finally:
         qmatmul.set_kernel_isa(previous)
     for a, b in zip(outputs["avx2"], outputs["avx512-vnni"], strict=True):
@@ -473,7 +479,8 @@ def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch(isa):
 
 def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow(isa):
     # Stored 63 (q = 31) and 0 (q = -32) against activations of 127 and -127, scales 127
-    # and -128: a maddubs lane reaches 2 * 63 * 127, the block sums 32 * 63 * 127 * 128.
+    # and -128: an AVX2 maddubs lane reaches 2 * 63 * 127, an AVX-512 vpdpbusd lane (x + 128
+    # times q) 4 * 255 * 31 from its start, the block sums 32 * 63 * 127 * 128.
     k = 256
     raw = np.zeros((2, 210), dtype=np.uint8)
     raw[0, :192], raw[0, 192:208] = 0xFF, 0x7F  # every value 63, every scale 127
