@@ -265,20 +265,21 @@ class GgufPacks:
         # A Q6_K tensor's rows are checked once, on its decode packs (the cheaper to expand),
         # and the order found serves its prefill packs too.
         q6k_order: tuple[bool, torch.Tensor | None] = (False, None)
+        gemm: dict[str, torch.Tensor] | None = None  # unpacked for the check, kept for use
         if (
             tensor is not None
             and tensor.type_name == "Q6_K"
             and tensor.shape == (n, k)
             and qmatmul.supports_int6(k)
         ):
-            split = split_q6_k(tensor.data, n, k)
             if qmatmul.load():
+                split = split_q6_k(tensor.data, n, k)
                 q6k_order = self._model_order(module, split, _int6_values, weight)
-            else:  # no kernels to expand the decode packs: numpy expands the GEMM ones
+                if mode == "q6k" and q6k_order[0]:
+                    decode = _rows_in_order(split, q6k_order[1])
+            else:  # no kernels to expand the decode packs (nor mode q6k): numpy expands these
                 gemm = unpack_q6_k(tensor.data, n, k)
                 q6k_order = self._model_order(module, gemm, dequantize_q6_k, weight)
-            if mode == "q6k" and q6k_order[0]:
-                decode = _rows_in_order(split, q6k_order[1])
         if mode == "q6k" and decode is None:
             if tensor is not None:
                 self._warn_not_the_models(
@@ -312,7 +313,8 @@ class GgufPacks:
         ):
             found, order = q6k_order
             if found:
-                packs = {**packs, **_rows_in_order(unpack_q6_k(tensor.data, n, k), order)}
+                unpacked = gemm if gemm is not None else unpack_q6_k(tensor.data, n, k)
+                packs = {**packs, **_rows_in_order(unpacked, order)}
             else:
                 self._warn_not_the_models(
                     module, tensor, n, k, "its prefill keeps a float copy instead of the blocks"

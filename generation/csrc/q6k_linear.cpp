@@ -63,6 +63,20 @@ std::vector<int32_t> offsets(const int8_t* xq, int64_t M, int64_t K) {
   return out;
 }
 
+// Requests a superblock's 192 value bytes kPrefetchBytes ahead of `q`, its start.
+inline void prefetch_superblock(const uint8_t* q) {
+  for (int c = 0; c < 3; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * c), _MM_HINT_T0);
+  }
+}
+
+// A superblock's float16 d, after its 16 scales (`sc`: the superblock's 18 scale bytes).
+inline float superblock_d(const uint8_t* sc) {
+  uint16_t d_bits;
+  std::memcpy(&d_bits, sc + 16, sizeof d_bits);
+  return half_to_float(d_bits);
+}
+
 // One half of a superblock against one activation row: its 8 sums of 16 inputs of
 // stored * xq, in kSubOrder (v: the half's 4 blocks of 32 stored values).
 inline __m256i half_sums(const __m256i v[4], const int8_t* x) {
@@ -93,16 +107,12 @@ void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const 
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* q = qrow + s * kValueBytes;
-      for (int c = 0; c < 3; ++c) {  // the superblock's 192 bytes, kPrefetchBytes ahead
-        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * c), _MM_HINT_T0);
-      }
+      prefetch_superblock(q);
       const uint8_t* sc = srow + s * kScaleBytes;
-      uint16_t d_bits;
-      std::memcpy(&d_bits, sc + 16, sizeof d_bits);
       // c * d per 16 inputs, in kSubOrder: half 0's 8, then half 1's
       const __m128i c = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)),
                                          order);
-      const __m256 d = _mm256_set1_ps(half_to_float(d_bits));
+      const __m256 d = _mm256_set1_ps(superblock_d(sc));
       const __m256 cd[2] = {
           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c))),
           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))))};
@@ -175,15 +185,11 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* q = qrow + s * kValueBytes;
-      for (int c = 0; c < 3; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * c), _MM_HINT_T0);
-      }
+      prefetch_superblock(q);
       const uint8_t* sc = srow + s * kScaleBytes;
-      uint16_t d_bits;
-      std::memcpy(&d_bits, sc + 16, sizeof d_bits);
       // c * d of the 16 groups, in order
       const __m512 cd = _mm512_mul_ps(
-          _mm512_set1_ps(half_to_float(d_bits)),
+          _mm512_set1_ps(superblock_d(sc)),
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
               _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
       __m512i w[4], base[4];
@@ -282,9 +288,7 @@ void q6k_dequantize(const at::Tensor& qw, const at::Tensor& sw, const at::Tensor
       for (int64_t s = 0; s < ns; ++s) {
         const uint8_t* q = qp + (n * ns + s) * kValueBytes;
         const uint8_t* scales = sp + (n * ns + s) * kScaleBytes;
-        uint16_t d_bits;
-        std::memcpy(&d_bits, scales + 16, sizeof d_bits);
-        const float d = half_to_float(d_bits);
+        const float d = superblock_d(scales);
         float* o = op + n * K + s * kSuper;
         for (int64_t w = 0; w < kSuper; ++w) {
           const int64_t h = w / 128, j = (w % 128) / 32, l = w % 32;
