@@ -137,7 +137,7 @@ class Engine:
                 f"(int8 and int4 need no GGUF)"
             )
         on_kernels = dev.type == "cpu" and quantization != "none" and qmatmul.load()
-        dt, prefill_dt = split_dtypes(dev, dtype, dt, on_kernels)
+        dt, prefill_dt = split_dtypes(dev, dtype, dt, on_kernels, quantization)
         narrow, stored = False, None
         if dev.type == "cpu" and quantization != "none" and Path(path).is_dir():
             stored, matrix_values = checkpoint_weights(Path(path))

@@ -561,14 +561,17 @@ def test_an_untied_vocabulary_projection_keeps_no_float_weight_and_takes_any_row
     assert (logits - reference).abs().max() < 0.02 * reference.abs().max()
 
 
-def test_split_dtypes_computes_in_float32_and_prefills_in_bf16_only_for_auto_on_kernels():
+def test_split_dtypes_computes_in_float32_and_prefills_in_bf16_only_for_auto_int8_int4_kernels():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert split_dtypes(cpu, "auto", bf16, True) == (fp32, bf16)
-    assert split_dtypes(cpu, "auto", bf16, False) == (bf16, bf16)  # torch's kernels, or none
-    assert split_dtypes(cpu, "bfloat16", bf16, True) == (bf16, bf16)  # asked for: kept
-    assert split_dtypes(cpu, "auto", fp32, True) == (fp32, fp32)  # no fast bf16 here
-    assert split_dtypes(cuda, "auto", bf16, True) == (bf16, bf16)
+    assert split_dtypes(cpu, "auto", bf16, True, "int8") == (fp32, bf16)
+    assert split_dtypes(cpu, "auto", bf16, True, "int4") == (fp32, bf16)
+    # gguf keeps the unquantized model's bf16 prefill arithmetic (the identity measure)
+    assert split_dtypes(cpu, "auto", bf16, True, "gguf") == (bf16, bf16)
+    assert split_dtypes(cpu, "auto", bf16, False, "int8") == (bf16, bf16)  # torch's kernels
+    assert split_dtypes(cpu, "bfloat16", bf16, True, "int8") == (bf16, bf16)  # asked for: kept
+    assert split_dtypes(cpu, "auto", fp32, True, "gguf") == (fp32, fp32)  # no fast bf16 here
+    assert split_dtypes(cuda, "auto", bf16, True, "int8") == (bf16, bf16)
 
 
 def test_bf16_prefill_weights_in_a_float32_model_multiply_in_bf16_then_add_the_bias():
