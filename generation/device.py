@@ -64,10 +64,10 @@ def split_dtypes(
 
     gguf stays in bfloat16 throughout: its prefill then runs the unquantized model's own
     bfloat16 arithmetic on the checkpoint's weights, so the answerability check and the
-    first token agree with `none`, and issue 6's "greedy output identical" measure is met.
-    On an Intel Xeon with AMX (1.5B, 100 SQuAD2 questions, `bench/eval_qa.py`): 92 of 100
-    outputs identical to none's in bfloat16, 89 with the split; decode 18.7 tok/s against
-    20.6 with the split, TTFT 1.24 s against 1.66 s, peak RSS 4.3 GB against 5.8 GB.
+    first token agree with `none`. On Intel Xeons with AMX (model 167; 1.5B, 100 SQuAD2
+    questions, `bench/eval_qa.py`): 92 of 100 outputs identical to none's in bfloat16, 89
+    with the split (another machine of the same kind); on one of them decode 18.7 tok/s
+    against 20.6 with the split, TTFT 1.24 s against 1.66 s, peak RSS 4.3 GB against 5.8.
     """
     if (
         requested == "auto"
