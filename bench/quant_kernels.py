@@ -1,6 +1,7 @@
 """Linear-layer kernels on the shapes of a decoder, in one run. JSON out.
 
 Usage: python bench/quant_kernels.py [--model 1.5b|0.5b] [--rows 1,4,16,600] [--repeat 20]
+       [--dtype auto|float32|bfloat16]
 
 For each weight shape of the Qwen2.5 1.5B (or 0.5B) layers and the vocabulary projection,
 times y = x @ W.T for x with `rows` rows: float (the model dtype, the baseline), the float
@@ -13,7 +14,9 @@ layouts are timed against ragqa's integer prefill GEMMs (`RAGQA_PREFILL_WEIGHTS=
 `int4_gemm` on the int4 packs, `int8_gemm` on int8 packs of 5-bit values (-16..15, as
 a GGUF's Q5_0 blocks hold) and, where the inputs come in blocks of 256, `int6_gemm` on
 6-bit packs (a GGUF's Q6_K form), except on the vocabulary projection, which prefill
-multiplies for one row only.
+multiplies for one row only; where those GEMMs run on AVX-512 VNNI, their AVX2 form is timed
+too (`ratio_ragqa_<gemm>_vs_avx2`). `--dtype float32` times the float baselines in float32
+on a CPU where `auto` picks bfloat16.
 
 The per-shape timings reuse one weight, which then sits in the CPU cache. A decode step
 instead streams every layer's weights from memory once, so `decode_step` (int8),
@@ -155,19 +158,36 @@ def decode_step(model: str, repeat: int, kind: str, group: int) -> dict[str, flo
     return out
 
 
+def gemm_timings(gemms: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms of each prefill GEMM on the default kernels, and where those are AVX-512
+    VNNI, on the AVX2 ones too, with the ratio of the two."""
+    default_isa = qmatmul.kernel_isa()
+    out = {f"{name}_ms": median_ms(gemm, repeat) for name, gemm in gemms.items()}
+    if default_isa != "avx2":
+        qmatmul.set_kernel_isa("avx2")
+        try:
+            for name, gemm in gemms.items():
+                out[f"{name}_avx2_ms"] = median_ms(gemm, repeat)
+                out[f"ratio_{name}_vs_avx2"] = round(out[f"{name}_ms"] / out[f"{name}_avx2_ms"], 3)
+        finally:
+            qmatmul.set_kernel_isa(default_isa)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(SHAPES), default="1.5b")
     parser.add_argument("--rows", default="1,4,16", help="row counts; empty: none")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="the float baselines' dtype")
     parser.add_argument(
         "--step-repeat", type=int, default=7, help="decode steps timed (0 skips decode_step)"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    dtype = choose_dtype(torch.device("cpu"))
+    dtype = choose_dtype(torch.device("cpu"), args.dtype)
     if not qmatmul.load():
         raise SystemExit("the int4/int8 kernels could not be built here (see the log)")
     g = args.group_size
@@ -202,21 +222,13 @@ def main() -> None:
                     args.repeat,
                 )
                 if rows > PREFILL_ROWS and name != "lm_head":
-                    timing |= {
-                        "ragqa_int4_gemm_ms": median_ms(
-                            lambda: qmatmul.int4_gemm(x, qs, sm, g),  # noqa: B023
-                            args.repeat,
-                        ),
-                        "ragqa_int8_gemm_5_bit_ms": median_ms(
-                            lambda: qmatmul.int8_gemm(x, q5, s8b),  # noqa: B023
-                            args.repeat,
-                        ),
+                    gemms = {
+                        "ragqa_int4_gemm": lambda: qmatmul.int4_gemm(x, qs, sm, g),  # noqa: B023
+                        "ragqa_int8_gemm_5_bit": lambda: qmatmul.int8_gemm(x, q5, s8b),  # noqa: B023
                     }
                     if qmatmul.supports_int6(k):
-                        timing["ragqa_int6_gemm_ms"] = median_ms(
-                            lambda: qmatmul.int6_gemm(x, q6, c6, d6),  # noqa: B023
-                            args.repeat,
-                        )
+                        gemms["ragqa_int6_gemm"] = lambda: qmatmul.int6_gemm(x, q6, c6, d6)  # noqa: B023
+                    timing |= gemm_timings(gemms, args.repeat)
                 if rows <= PREFILL_ROWS:
                     timing |= {
                         "torch_int8_ms": median_ms(

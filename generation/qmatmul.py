@@ -1,8 +1,9 @@
 """ragqa's CPU kernels: building, weight layout, calls.
 
 csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps,
-csrc/decode_attention.cpp the float32 attention of a decode step's one new token and
-csrc/decode_layer.cpp a quantized decoder layer's decode step built from both. The C++
+csrc/panel_gemm.cpp those of long prefills, csrc/decode_attention.cpp the float32
+attention of a decode step's one new token and csrc/decode_layer.cpp a quantized decoder
+layer's decode step built from both. The C++
 sources are compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
@@ -29,7 +30,13 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
     CSRC / name
-    for name in ("qmatmul.cpp", "q6k_linear.cpp", "decode_attention.cpp", "decode_layer.cpp")
+    for name in (
+        "qmatmul.cpp",
+        "panel_gemm.cpp",
+        "q6k_linear.cpp",
+        "decode_attention.cpp",
+        "decode_layer.cpp",
+    )
 ]
 HEADERS = [CSRC / "kernel_common.h"]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
@@ -168,7 +175,8 @@ def int4_linear(
 
 def int4_gemm(x: torch.Tensor, qs: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
     """What `int4_linear` computes, for a long prefill: x [M, K] (any float dtype) -> [M, N]
-    float32, on an AVX2 integer GEMM that lays the packs out in panels as it goes."""
+    float32, on an integer GEMM that lays the packs out in panels as it goes (AVX-512 VNNI
+    or AVX2, as `kernel_isa` says; the two give the same floats bit for bit)."""
     return torch.ops.ragqa_qmatmul.q4_gemm(x.float(), qs, sm, group_size)
 
 

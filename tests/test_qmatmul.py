@@ -311,12 +311,13 @@ def _run_python(code: str, env: dict[str, str], timeout: float) -> subprocess.Co
         pytest.fail(f"`{code}` still waiting after {timeout} s")
 
 
-# N: whole tiles of 16 columns, a last panel of 8, and a panel with 5 real columns of 8;
-# M: tiles of 2 rows and a last row alone; groups of 1, 2 and 3 blocks.
+# N: whole tiles of 16 columns (AVX-512: 32), a last panel of 8, and a panel with 5 real
+# columns of 8; M: tiles of 2 rows (AVX-512: 4) and last rows alone; groups of 1, 2 and 3
+# blocks.
 @pytest.mark.parametrize(
     ("n", "m", "k", "g"), [(96, 6, 256, 64), (40, 5, 192, 32), (21, 3, 384, 96)]
 )
-def test_int4_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, g):
+def test_int4_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, g, isa):
     q, _, qs, sm = _weights(n=n, k=k, g=g)
     x = torch.randn(m, k)
     y = qmatmul.int4_gemm(x, qs, sm, g)
@@ -327,7 +328,7 @@ def test_int4_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, g):
     assert torch.allclose(y, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_int4_gemm_sums_the_decode_kernels_products_in_int16_without_overflow():
+def test_int4_gemm_sums_the_decode_kernels_products_in_int16_without_overflow(isa):
     # Every weight 15 and every activation +-127 (a block of equal values): each int16 lane
     # sums 8 maddubs of 2 * 15 * 127, 30480, the most a block can give (2^15 - 1 = 32767).
     k, n = 128, 16
@@ -360,7 +361,7 @@ def _q5_weights(n, k, seed=0):
 
 
 @pytest.mark.parametrize(("n", "m", "k"), [(96, 6, 256), (21, 3, 96)])
-def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations(n, m, k):
+def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations(n, m, k, isa):
     q, d = _q5_weights(n, k)
     x = torch.randn(m, k)
     xq, _ = _quantized_activations(x)
@@ -369,7 +370,7 @@ def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations
     assert torch.allclose(qmatmul.int8_gemm(x, q, d), qmatmul.int8_linear(x, q, d), atol=1e-5)
 
 
-def test_int8_gemm_sums_the_extreme_5_bit_products_without_overflow():
+def test_int8_gemm_sums_the_extreme_5_bit_products_without_overflow(isa):
     # -16 against -127 and 15 against 127 in every position: each int16 lane sums 4
     # maddubs of at most 2 * 31 * 127 (7874) after the +16 offset; 31496 < 2^15.
     k = 64
@@ -380,7 +381,7 @@ def test_int8_gemm_sums_the_extreme_5_bit_products_without_overflow():
     assert torch.allclose(qmatmul.int8_gemm(x, q, d), expected, rtol=1e-5)
 
 
-def test_int8_gemm_refuses_values_outside_5_bits_instead_of_wrapping_them():
+def test_int8_gemm_refuses_values_outside_5_bits_instead_of_wrapping_them(isa):
     q, d = _q5_weights(24, 64)
     q[17, 40] = 16
     assert not qmatmul.narrow_int8(q)
@@ -405,7 +406,7 @@ def _q6_values(q, scales, d):
 
 # N: whole tiles, then a last panel of 5 columns, and one panel alone; M odd and even.
 @pytest.mark.parametrize(("n", "m", "k"), [(96, 6, 512), (21, 3, 256), (8, 17, 768)])
-def test_int6_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k):
+def test_int6_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, isa):
     q, scales, d = _q6_weights(n, k)
     x = torch.randn(m, k)
     xq, _ = _quantized_activations(x)
@@ -415,7 +416,7 @@ def test_int6_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k):
     assert torch.allclose(y.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_int6_gemm_sums_the_extreme_6_bit_products_without_overflow():
+def test_int6_gemm_sums_the_extreme_6_bit_products_without_overflow(isa):
     # -32 and 31 against x + 128 = 255 and 1 in every position, scales -128 and 127: each
     # int16 lane sums 2 maddubs of up to 2 * 255 * 32 (16320); the int32 block sums reach
     # 2 * 16 * 255 * 32 * 128 plus the panel's offset term.
@@ -429,7 +430,7 @@ def test_int6_gemm_sums_the_extreme_6_bit_products_without_overflow():
     assert torch.equal(qmatmul.int6_gemm(x, q, scales, d).double(), expected)
 
 
-def test_int6_gemm_refuses_values_outside_6_bits_instead_of_wrapping_them():
+def test_int6_gemm_refuses_values_outside_6_bits_instead_of_wrapping_them(isa):
     q, scales, d = _q6_weights(24, 256)
     q[17, 40] = 32
     with pytest.raises(RuntimeError, match=r"int8 weights in -32\.\.31"):
@@ -504,3 +505,31 @@ def test_int6_linear_rejects_inputs_that_are_not_whole_blocks_of_256():
         qmatmul.int6_linear(torch.randn(1, 128), qw, sw)
     with pytest.raises(RuntimeError, match=r"qw must be \[N, K/256\*192\]"):
         qmatmul.int6_linear(torch.randn(1, 512), qw, sw)
+
+
+def test_prefill_gemms_give_the_same_floats_on_avx512_vnni_as_on_avx2():
+    if "avx512-vnni" not in qmatmul.available_kernel_isas():
+        pytest.skip("this CPU cannot run the avx512-vnni kernels")
+    torch.manual_seed(3)
+    # N: 2 wide tiles and a tail of 5 columns; M: 4-row tiles and 3 last rows.
+    n, m, k = 69, 11, 512
+    q4, sz = quantize_int4(torch.randn(n, k) * 0.05, 64)
+    qs, sm = qmatmul.pack_int4(q4, sz)
+    q5, d5 = _q5_weights(n, k)
+    q6, c6, d6 = _q6_weights(n, k)
+    x = torch.randn(m, k)
+    products = {
+        "int4": lambda: qmatmul.int4_gemm(x, qs, sm, 64),
+        "5-bit": lambda: qmatmul.int8_gemm(x, q5, d5),
+        "6-bit": lambda: qmatmul.int6_gemm(x, q6, c6, d6),
+    }
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    previous = qmatmul.kernel_isa()
+    try:
+        for isa in ("avx2", "avx512-vnni"):
+            qmatmul.set_kernel_isa(isa)
+            outputs[isa] = {name: product() for name, product in products.items()}
+    finally:
+        qmatmul.set_kernel_isa(previous)
+    for name in products:
+        assert torch.equal(outputs["avx2"][name], outputs["avx512-vnni"][name]), name

@@ -61,12 +61,19 @@ struct PlainActivations {
   at::Tensor xq, dx;
 };
 
+// The same with each block's exact float sum, xsum [M, K/32] (empty without `sums`).
+struct BlockActivations {
+  at::Tensor xq, dx, xsum;
+};
+
 }  // namespace ragqa::common
 
 namespace ragqa {
 // x [M, K] float32 -> its int8 activations per block of 32, stored as x + 128 (unsigned)
 // when `unsigned_bytes` (defined in qmatmul.cpp).
 common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes);
+// The same, in input order, and with `sums` each block's exact float sum (qmatmul.cpp).
+common::BlockActivations quantize_blocks(const at::Tensor& x, bool sums, bool unsigned_bytes);
 // Whether the AVX-512 VNNI kernels run (the CPU has them and no caller asked for AVX2).
 bool avx512_kernels_on();
 }  // namespace ragqa
