@@ -8,8 +8,9 @@ requests, TTFT with a warm shared prefix vs cold, and peak RSS. Timings are medi
 With --compare-llama-cpp, llama.cpp decodes the preset's GGUF from the same prompt tokens,
 one run after each of the engine's, on the same thread. With --compare-hf-forward, each
 round also decodes through transformers' forward instead of `generation/lean_decode.py`.
-With --kernel-isa avx2 on a CPU with AVX-512 VNNI, quantized decode steps run on the AVX2
-kernels; with --compare-avx2, each round also decodes on them (the two in the same rounds).
+With --kernel-isa avx2 on a CPU with AVX-512 VNNI, quantized layers run on the AVX2
+kernels; with --compare-avx2, each round also runs on them (the two in the same rounds):
+decode steps, and the integer prefill GEMM where the prefill takes it.
 """
 
 from __future__ import annotations
@@ -163,14 +164,17 @@ def hf_forward_once(
     return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
 
 
-def avx2_once(engine: Engine, ids: list[int], params: GenerationParams) -> tuple[float, list[int]]:
-    """(decode tok/s, tokens) of the engine with its kernels on AVX2 for one generation."""
+def avx2_once(
+    engine: Engine, ids: list[int], params: GenerationParams
+) -> tuple[float, list[int], float]:
+    """(decode tok/s, tokens, ttft_s) of the engine with its kernels on AVX2 for one
+    generation (the decode kernels and the integer prefill GEMM alike)."""
     previous = qmatmul.set_kernel_isa("avx2")
     try:
         r = engine.generate(ids, params)
     finally:
         qmatmul.set_kernel_isa(previous)
-    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
+    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids, r.ttft_s
 
 
 def main() -> None:
@@ -208,7 +212,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-avx2",
         action="store_true",
-        help="Also decode each round on the AVX2 kernels (a CPU with AVX-512 VNNI).",
+        help="Also run each round on the AVX2 kernels (a CPU with AVX-512 VNNI).",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -266,7 +270,7 @@ def main() -> None:
         on_model(lambda: llama_cpp_once(llm, ids[:64], 4))
     ours, theirs, llama_runs = [], [], []
     hf_forward: list[tuple[float, list[int]]] = []
-    avx2: list[tuple[float, list[int]]] = []
+    avx2: list[tuple[float, list[int], float]] = []
     # Interleaved, one run of each per round: the memory bandwidth of a shared machine
     # drifts by up to a third within an hour, and decode steps are bound by it.
     for _ in range(args.runs):
@@ -357,6 +361,11 @@ def main() -> None:
             ),
             # the two paths round differently, so greedy tokens may part after a while
             "avx2_tokens_identical": all(x[1] == ours[0][2] for x in avx2),
+            # the integer prefill GEMM runs on AVX2 too (a float prefill does not change)
+            "avx2_ttft_s": round(statistics.median(x[2] for x in avx2), 3),
+            "ratio_ttft_vs_avx2_paired": round(
+                statistics.median(o[0] / x[2] for o, x in zip(ours, avx2, strict=True)), 3
+            ),
         }
     result = {
         "model": args.model,
