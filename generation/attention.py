@@ -6,7 +6,8 @@ for blocks of queries. One query per head is two small matrix products; grouping
 query heads by the key/value head they share avoids copying K and V per query head.
 Those matmuls still took 181 us per layer of the 1.5B at a 640-token context (86 us with
 ragqa's kernel, csrc/decode_attention.cpp; 125 vs 52 us for the 0.5B's heads), so
-float32 models use the kernel where it is built; other dtypes keep the matmuls.
+float32 and bfloat16 models use the kernel where it is built (it reads a bfloat16 cache
+as it is, where the matmuls below copy it to float32 every step); float16 keeps them.
 Prefill (q_len > 1) and non-CPU devices keep transformers' SDPA path.
 """
 
@@ -46,8 +47,8 @@ def decode_attention(
         mask = None
         if attention_mask is not None:  # [B, 1, q, T] -> the last query's row, [B, T]
             mask = attention_mask[:, 0, -1, :].expand(b, key.shape[2])
-        out = qmatmul.decode_attention(query.reshape(b, hq, d), key, value, mask, scale)
-        return out.view(b, 1, hq, d), None
+        out = qmatmul.decode_attention(query.reshape(b, hq, d).float(), key, value, mask, scale)
+        return out.view(b, 1, hq, d).to(query.dtype), None
     # Query head i reads key/value head i // (hq // hkv), as transformers' repeat_kv does.
     q = query.reshape(b, hkv, hq // hkv, d).float()  # [B, Hkv, G, D]
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, T]
@@ -70,7 +71,8 @@ def _kernel_applies(
 ) -> bool:
     return (
         qmatmul.loaded()
-        and query.dtype == key.dtype == value.dtype == torch.float32
+        and query.dtype == key.dtype == value.dtype
+        and key.dtype in (torch.float32, torch.bfloat16)
         and query.shape[-1] % 8 == 0
         and key.stride(-1) == 1
         and value.stride(-1) == 1

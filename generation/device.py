@@ -54,13 +54,15 @@ def split_dtypes(
 
     They differ in one case: `requested` "auto" chose bfloat16 on a CPU and the model's
     decode steps run on ragqa's int8/int4 kernels (`quantized_kernels`, `quantization`
-    int8 or int4). Those steps read packed weights whatever the dtype, and their fused C++
-    layer (csrc/decode_layer.cpp) is float32, so a bfloat16 model decodes through slower
-    Python glue; prefill, though, is compute-bound and bfloat16 GEMMs run twice as fast as
-    float32 ones on such CPUs. So the model computes in float32 and its prefill matmuls
-    take bfloat16 weights and activations. On a Zen 4 EPYC (AVX-512-BF16, 2 threads, 0.5B
-    int8, 623-token prompt, `bench/generation.py`): bfloat16 decoded at 41.7 tok/s with a
-    1.90 s TTFT, float32 at 51.7 tok/s with 2.75 s.
+    int8 or int4). Those steps read packed weights whatever the dtype, and a bfloat16 model
+    decoded through Python glue and a float32 copy of its KV cache every step; prefill,
+    though, is compute-bound and bfloat16 GEMMs run twice as fast as float32 ones on such
+    CPUs. So the model computes in float32 and its prefill matmuls take bfloat16 weights
+    and activations. On a Zen 4 EPYC (AVX-512-BF16, 2 threads, 0.5B int8, 623-token
+    prompt, `bench/generation.py`): bfloat16 decoded at 41.7 tok/s with a 1.90 s TTFT,
+    float32 at 51.7 tok/s with 2.75 s. Since then bfloat16 decode steps take the fused C++
+    layer and the attention kernel too (gguf on machine Z, 1.13-1.16x the decode speed);
+    whether the split still pays for int8/int4 was not measured again.
 
     gguf stays in bfloat16 throughout: its prefill then runs the unquantized model's own
     bfloat16 arithmetic on the checkpoint's weights, so the answerability check and the

@@ -11,8 +11,8 @@ the small ops between the matmuls.
 in the same order (RMSNorm in float32 then back to the model dtype, rotary embeddings,
 `decode_attention`, SiLU-gated MLP, residual adds), calling each projection's `forward`
 directly. Same ops on the same tensors give the same floats, so greedy output does not
-change. Where every projection of a layer runs on ragqa's kernels (float32, q/k/v and
-gate/up stacked), the layer's small ops run in C++ instead (csrc/decode_layer.cpp, the
+change. Where every projection of a layer runs on ragqa's kernels (float32 or bfloat16,
+q/k/v and gate/up stacked), the layer's small ops run in C++ instead (csrc/decode_layer.cpp, the
 same ATen ops in the same order), in two calls around the KV append.
 
 It applies only where that equivalence was checked: a CPU model of type `llama` or
@@ -163,8 +163,10 @@ def _fused_arguments(
         m.group_size if m.mode == "int4" else -1 if m.mode == "q6k" else 0
         for m in (qkv, o, gate_up, down)
     )
+    # The C++ ops are those of the Python path in either dtype (the attention kernel reads
+    # float32 or bfloat16 caches); float16 keeps the Python path.
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if any(w.dtype != torch.float32 for w in norms):
+    if any(w.dtype not in (torch.float32, torch.bfloat16) for w in norms):
         return None
     heads = attn.q_proj.out_features // attn.head_dim
     kv_heads = attn.k_proj.out_features // attn.head_dim

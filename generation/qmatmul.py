@@ -274,8 +274,8 @@ def decode_attention(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """query [B, Hq, D], key/value [B, Hkv, T, D] with contiguous rows, mask [B, T] bool
-    (True = attend) or None -> [B, Hq, D]; all float32."""
+    """query [B, Hq, D] float32, key/value [B, Hkv, T, D] with contiguous rows, both float32
+    or both bfloat16, mask [B, T] bool (True = attend) or None -> [B, Hq, D] float32."""
     return torch.ops.ragqa_qmatmul.decode_attention(query, key, value, mask, scale)
 
 

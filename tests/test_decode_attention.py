@@ -1,4 +1,5 @@
-"""ragqa's float32 decode-attention kernel against a float64 reference, and when it is used."""
+"""ragqa's decode-attention kernel (float32 or bfloat16 caches) against a float64 reference,
+and when it is used."""
 
 import shutil
 
@@ -59,6 +60,30 @@ def test_kernel_matches_a_float64_reference_with_grouped_heads(b, hq, hkv, d, t)
     assert (out.view(b, 1, hq, d).double() - ref).abs().max() < 2e-6
 
 
+def test_kernel_reads_a_bfloat16_cache_as_the_same_values_in_float32():
+    torch.manual_seed(3)
+    b, hq, hkv, d, t = 2, 12, 2, 128, 203
+    query = torch.randn(b, hq, d)
+    # bfloat16 views of longer buffers, as the engine's caches are
+    key = _cache(b, hkv, t, d).bfloat16() * 2
+    value = _cache(b, hkv, t, d).bfloat16()
+    key, value = key[:, :, : t - 3], value[:, :, : t - 3]
+    mask = torch.ones(b, t - 3, dtype=torch.bool)
+    mask[1, :5] = False
+    narrow = qmatmul.decode_attention(query, key, value, mask, d**-0.5)
+    wide = qmatmul.decode_attention(query, key.float(), value.float(), mask, d**-0.5)
+    assert narrow.dtype == torch.float32
+    assert torch.equal(narrow, wide)
+
+
+def test_a_cache_of_two_dtypes_is_rejected():
+    query, key = torch.randn(1, 4, 16), _cache(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        qmatmul.decode_attention(query, key, key.bfloat16(), None, 0.25)
+    with pytest.raises(RuntimeError, match="query must be float32"):
+        qmatmul.decode_attention(query.bfloat16(), key.bfloat16(), key.bfloat16(), None, 0.25)
+
+
 def test_masked_positions_are_never_read():
     torch.manual_seed(1)
     query = torch.randn(2, 6, 1, 32)
@@ -82,7 +107,9 @@ def test_bad_shapes_are_rejected_with_the_sizes():
         qmatmul.decode_attention(torch.randn(1, 4, 16), key, key, torch.ones(1, 3).bool(), 0.25)
 
 
-def test_decode_attention_takes_the_kernel_for_float32_and_torch_for_bfloat16(monkeypatch):
+def test_decode_attention_takes_the_kernel_for_float32_and_bfloat16_and_torch_for_float16(
+    monkeypatch,
+):
     calls = []
     kernel = qmatmul.decode_attention
     monkeypatch.setattr(qmatmul, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
@@ -98,5 +125,10 @@ def test_decode_attention_takes_the_kernel_for_float32_and_torch_for_bfloat16(mo
     half, _ = attention.decode_attention(
         None, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask, scaling=0.25
     )
-    assert calls == [1] and half.dtype == torch.bfloat16
+    assert calls == [1, 1] and half.dtype == torch.bfloat16
     assert (half.double() - ref).abs().max() < 5e-2
+    half, _ = attention.decode_attention(
+        None, query.half(), key.half(), value.half(), mask, scaling=0.25
+    )
+    assert calls == [1, 1] and half.dtype == torch.float16
+    assert (half.double() - ref).abs().max() < 5e-3

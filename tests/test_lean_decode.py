@@ -25,7 +25,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(pull_preset("smollm2-135m-instruct", MODEL_DIR).path)
 
 
-def _engine(tokenizer, family: str, quantization: str) -> Engine:
+def _engine(
+    tokenizer, family: str, quantization: str, dtype: torch.dtype = torch.float32
+) -> Engine:
     torch.manual_seed(0)
     if family == "llama":
         model = tiny_llama(tokenizer)
@@ -33,7 +35,7 @@ def _engine(tokenizer, family: str, quantization: str) -> Engine:
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **TINY_SIZES))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), head_dim=16, **TINY_SIZES))
-    model.eval()
+    model = model.to(dtype).eval()
     if quantization != "none":
         quantize_model(model, quantization, group_size=32)
     return Engine(model, tokenizer, name=family)
@@ -60,14 +62,15 @@ def _padded_batch(engine: Engine, prompts: list[list[int]]):
     return torch.tensor(firsts), positions, mask, kv
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4", "int8-float-rows"])
 def test_lean_step_gives_the_same_logits_and_kv_as_transformers_forward(
-    tokenizer, family, quantization
+    tokenizer, family, quantization, dtype
 ):
     if quantization != "none" and not KERNELS:
         pytest.skip("ragqa's int8 kernel did not build here")
-    engine = _engine(tokenizer, family, quantization.removesuffix("-float-rows"))
+    engine = _engine(tokenizer, family, quantization.removesuffix("-float-rows"), dtype)
     assert engine.lean is not None
     if quantization == "int8-float-rows":
         # A batch above `prefill_rows` takes the float weights, in transformers' path too.
@@ -75,7 +78,8 @@ def test_lean_step_gives_the_same_logits_and_kv_as_transformers_forward(
             if hasattr(module, "prefill_rows"):
                 module.prefill_rows = 1
     # With the kernels, the stacked q/k/v and gate/up path, each layer's small ops in C++
-    # (csrc/decode_layer.cpp); without, one call per projection, in Python.
+    # (csrc/decode_layer.cpp), in float32 and in bfloat16; without, one call per
+    # projection, in Python.
     stacked = [(ly.stacked(ly.qkv, 2), ly.stacked(ly.gate_up, 2)) for ly in engine.lean.layers]
     assert stacked == [(quantization in ("int8", "int4"),) * 2] * 2
     assert [ly.fused is not None for ly in engine.lean.layers] == [quantization != "none"] * 2

@@ -1,4 +1,5 @@
-// Attention of one new token per sequence over its KV cache, float32, for CPU decode steps.
+// Attention of one new token per sequence over its KV cache (float32 or bfloat16, summed in
+// float32), for CPU decode steps.
 //
 // torch's matmuls for one query row per head (q @ K^T, softmax, p @ V) took 181 us a layer
 // for the 1.5B model's heads at a 640-token context, this 86 us (machine J): they are
@@ -9,7 +10,9 @@
 //
 // q [B, Hq, D], k and v [B, Hkv, T, D] with contiguous rows (any other strides: the
 // caches are views into buffers with spare room), mask [B, T] bool (true = attend) or
-// none -> out [B, Hq, D]. Query head j reads key/value head j / (Hq / Hkv), as
+// none -> out [B, Hq, D] float32; q is float32. A bfloat16 cache is widened in registers
+// as it is read (a bfloat16 is the high half of a float32): the Python fallback copied the
+// whole cache to float32 every step. Query head j reads key/value head j / (Hq / Hkv), as
 // transformers' repeat_kv does. Rows that are masked out get a weight of exactly zero and
 // are never read, so what padding holds cannot reach the output.
 
@@ -25,6 +28,14 @@
 #include <vector>
 
 namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// 8 bfloat16 (their raw bits) -> 8 float32, exactly.
+inline __m256 load8(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -59,8 +70,8 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 
 // scores[g][t] = scale * <q_g, k_t> for NG query heads at once; -inf where masked.
-template <int NG>
-void head_scores(const float* q, int64_t D, const float* k, int64_t k_stride, int64_t T,
+template <int NG, typename KV>
+void head_scores(const float* q, int64_t D, const KV* k, int64_t k_stride, int64_t T,
                  const bool* mask, float scale, float* scores, int64_t score_stride) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < T; ++t) {
@@ -68,11 +79,11 @@ void head_scores(const float* q, int64_t D, const float* k, int64_t k_stride, in
       for (int g = 0; g < NG; ++g) scores[g * score_stride + t] = neg_inf;
       continue;
     }
-    const float* kt = k + t * k_stride;
+    const KV* kt = k + t * k_stride;
     __m256 acc[NG];
     for (int g = 0; g < NG; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 kv = _mm256_loadu_ps(kt + d);
+      const __m256 kv = load8(kt + d);
       for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
     }
     for (int g = 0; g < NG; ++g) scores[g * score_stride + t] = hsum8(acc[g]) * scale;
@@ -118,8 +129,8 @@ float exponentiate(float* s, int64_t T) {
 
 // out[g][d0 : d0 + 8 NC] = sum_t p[g][t] v_t[d0 : d0 + 8 NC] / denom[g] for NG heads:
 // NG x NC accumulators stay in registers (at most 12 of the 16).
-template <int NG, int NC>
-void weighted_values(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+template <int NG, int NC, typename KV>
+void weighted_values(const float* p, int64_t p_stride, const KV* v, int64_t v_stride,
                      int64_t T, const bool* mask, const float* denom, int64_t d0, float* out,
                      int64_t D) {
   __m256 acc[NG][NC];
@@ -127,9 +138,9 @@ void weighted_values(const float* p, int64_t p_stride, const float* v, int64_t v
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
     if (mask != nullptr && !mask[t]) continue;
-    const float* vt = v + t * v_stride + d0;
+    const KV* vt = v + t * v_stride + d0;
     __m256 vv[NC];
-    for (int c = 0; c < NC; ++c) vv[c] = _mm256_loadu_ps(vt + 8 * c);
+    for (int c = 0; c < NC; ++c) vv[c] = load8(vt + 8 * c);
     for (int g = 0; g < NG; ++g) {
       const __m256 w = _mm256_broadcast_ss(p + g * p_stride + t);
       for (int c = 0; c < NC; ++c) acc[g][c] = _mm256_fmadd_ps(w, vv[c], acc[g][c]);
@@ -142,8 +153,8 @@ void weighted_values(const float* p, int64_t p_stride, const float* v, int64_t v
   }
 }
 
-template <int NG>
-void weighted_values_chunks(const float* p, int64_t p_stride, const float* v, int64_t v_stride,
+template <int NG, typename KV>
+void weighted_values_chunks(const float* p, int64_t p_stride, const KV* v, int64_t v_stride,
                             int64_t T, const bool* mask, const float* denom, float* out,
                             int64_t D) {
   int64_t d0 = 0;
@@ -152,7 +163,8 @@ void weighted_values_chunks(const float* p, int64_t p_stride, const float* v, in
 }
 
 // One (sequence, key/value head): its G query heads, rows q [G, D] -> out [G, D].
-void attend_group(const float* q, int64_t G, int64_t D, const float* k, const float* v,
+template <typename KV>
+void attend_group(const float* q, int64_t G, int64_t D, const KV* k, const KV* v,
                   int64_t k_stride, int64_t v_stride, int64_t T, const bool* mask, float scale,
                   float* out) {
   std::vector<float> scores(static_cast<size_t>(G * T));
@@ -185,9 +197,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 4 && value.dim() == 4,
               "query must be [B, Hq, D] and key, value [B, Hkv, T, D]");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
-                  value.scalar_type() == at::kFloat,
-              "query, key and value must be float32");
+  TORCH_CHECK(query.scalar_type() == at::kFloat, "query must be float32");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() &&
+                  (key.scalar_type() == at::kFloat || key.scalar_type() == at::kBFloat16),
+              "key and value must both be float32 or both bfloat16");
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t Hkv = key.size(1), T = key.size(2);
   TORCH_CHECK(D % 8 == 0, "head size must be a multiple of 8, got ", D);
@@ -206,19 +219,25 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   const at::Tensor qc = query.contiguous();
   at::Tensor out = at::empty({B, Hq, D}, query.options());
   const float* qp = qc.data_ptr<float>();
-  const float* kp = key.data_ptr<float>();
-  const float* vp = value.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t G = Hq / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv;
-      attend_group(qp + (b * Hq + h * G) * D, G, D, kp + b * key.stride(0) + h * key.stride(1),
-                   vp + b * value.stride(0) + h * value.stride(1), key.stride(2), value.stride(2),
-                   T, mp != nullptr ? mp + b * T : nullptr, static_cast<float>(scale),
-                   op + (b * Hq + h * G) * D);
-    }
-  });
+  auto run = [&](const auto* kp, const auto* vp) {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / Hkv, h = i % Hkv;
+        attend_group(qp + (b * Hq + h * G) * D, G, D, kp + b * key.stride(0) + h * key.stride(1),
+                     vp + b * value.stride(0) + h * value.stride(1), key.stride(2),
+                     value.stride(2), T, mp != nullptr ? mp + b * T : nullptr,
+                     static_cast<float>(scale), op + (b * Hq + h * G) * D);
+      }
+    });
+  };
+  if (key.scalar_type() == at::kFloat) {
+    run(key.data_ptr<float>(), value.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(key.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(value.data_ptr<at::BFloat16>()));
+  }
   return out;
 }
 

@@ -87,8 +87,11 @@ at::Tensor decode_layer_output(
     const std::optional<at::Tensor>& down_bias, int64_t o_group, int64_t gate_up_group,
     int64_t down_group) {
   const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
+  // float32 queries, out rounded to the model's dtype (attention.py's decode_attention)
   const at::Tensor attn =
-      ragqa::decode_attention(q.reshape({b, hq, d}), keys, values, mask, scale).view({b, 1, hq, d});
+      ragqa::decode_attention(q.reshape({b, hq, d}).to(at::kFloat), keys, values, mask, scale)
+          .to(q.scalar_type())
+          .view({b, 1, hq, d});
   const at::Tensor o = project(attn.reshape({b, 1, -1}).contiguous(), o_weight, o_scales, o_bias,
                                o_group);  // [B, H]
   const at::Tensor mid = h + o.reshape({b, 1, -1});
