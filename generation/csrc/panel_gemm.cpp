@@ -265,7 +265,8 @@ inline void quad_products(const uint8_t* wp, const int8_t* xq, __m256i sums[R][P
   }
   // An empty asm per sum, once the quad's products are all added: without it gcc regroups
   // a block's additions into a tree of 32 live maddubs results and spills them; placed
-  // after each addition instead, it made gcc load each weight vector once per row.
+  // after each addition instead in this unrolled form, gcc loaded each weight vector once
+  // per row.
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) asm volatile("" : "+x"(sums[r][p]));
 }
@@ -291,7 +292,7 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
       // The first quad's products start the sums (no zeroing, no add); the rest add on,
       // unrolled: no loop counter among the vector instructions, which alone fill the
       // ports that run maddubs (machine AB, int4 down projection: 0.86x the time of a
-      // loop of one quad per iteration, which zeroed the sums and loaded weights twice).
+      // loop of one quad per iteration, which zeroed the sums and counted quads).
       quad_products<R, P, true>(wp, xq, sums, m0, first, panel_bytes, K);
 #pragma GCC unroll 8
       for (int64_t q = first + 1; q < first + Q; ++q) {
