@@ -70,8 +70,8 @@ def split_dtypes(
     questions, `bench/eval_qa.py`): 92 of 100 outputs identical to none's in bfloat16, 89
     with the split (another machine of the same kind; 86 in bfloat16 on a third, once
     bfloat16 decode steps took the fused layer and the attention kernel, accuracy +4.5
-    points there); on one of them decode 18.7 tok/s
-    against 20.6 with the split, TTFT 1.24 s against 1.66 s, peak RSS 4.3 GB against 5.8.
+    points there); on one of them decode 18.7 tok/s against 20.6 with the split, TTFT
+    1.24 s against 1.66 s, peak RSS 4.3 GB against 5.8.
     On a Zen 5 EPYC (no AMX), with the fused layer: 92 of 100 identical, accuracy unchanged.
     """
     if (
