@@ -312,10 +312,10 @@ def _run_python(code: str, env: dict[str, str], timeout: float) -> subprocess.Co
 
 
 # N: whole tiles of 16 columns (AVX-512: 32), a last panel of 8, and a panel with 5 real
-# columns of 8; M: tiles of 2 rows (AVX-512: 4) and last rows alone; groups of 1, 2 and 3
-# blocks.
+# columns of 8; M: tiles of 3 rows (AVX-512: 4), whole or with last rows alone, and fewer
+# rows than a tile; groups of 1, 2 and 3 blocks.
 @pytest.mark.parametrize(
-    ("n", "m", "k", "g"), [(96, 6, 256, 64), (40, 5, 192, 32), (21, 3, 384, 96)]
+    ("n", "m", "k", "g"), [(96, 6, 256, 64), (40, 5, 192, 32), (21, 2, 384, 96)]
 )
 def test_int4_gemm_equals_integer_arithmetic_on_int8_activations(n, m, k, g, isa):
     q, _, qs, sm = _weights(n=n, k=k, g=g)
@@ -441,6 +441,34 @@ def test_int6_gemm_rejects_inputs_that_are_not_whole_blocks_of_256():
     q, scales, d = _q6_weights(8, 256)
     with pytest.raises(RuntimeError, match="K must be a multiple of 256, got 128"):
         qmatmul.int6_gemm(torch.randn(20, 128), q[:, :128], scales[:, :8], d)
+
+
+def test_prefill_gemms_give_the_same_floats_on_one_thread_as_on_two():
+    # Threads claim column groups as they go (which thread takes which varies from call to
+    # call); 1000 columns are 63 groups of 16 (AVX-512: 32 of 32), the last one short.
+    n, m, k = 1000, 7, 512
+    x = torch.randn(m, k)
+    _, _, qs, sm = _weights(n=n, k=k, g=32)
+    q5, s5 = _q5_weights(n, k)
+    q6, c6, d6 = _q6_weights(n, k)
+
+    def products():
+        return (
+            qmatmul.int4_gemm(x, qs, sm, 32),
+            qmatmul.int8_gemm(x, q5, s5),
+            qmatmul.int6_gemm(x, q6, c6, d6),
+        )
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = products()
+        torch.set_num_threads(1)
+        one = products()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
 
 
 def _q6_k_raw(n, k, seed=0):

@@ -47,6 +47,7 @@
 
 #include "kernel_common.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -59,13 +60,18 @@ using namespace ragqa::common;
 using QuantizedInput = BlockActivations;
 
 constexpr int64_t kPanel = 8;    // output columns of a panel: one int32 lane each
-constexpr int kGemmRows = 2;     // activation rows of a register tile
 constexpr int kGemmPanels = 2;   // panels of a register tile
+// Activation rows of a register tile: 3 for int4 panels, 2 for 5- and 6-bit ones.
 // 2 x 2 keeps 4 int16 sums (and for 5-bit panels 4 int32 block sums), 4 float
-// accumulators, 2 broadcasts and a weight vector in registers. In a throwaway C++ copy of
-// this loop on machine S (Zen 3), 624 x 1536 rows by 8960 columns, one run each while an
-// install ran beside it, 3 x 2 ran as fast with two threads and 0.96x as fast with one;
-// 2 x 3 0.82-0.92x; 4 x 1 and 1 x 4 0.47-0.65x. On machine T, 3 x 2 was no faster either.
+// accumulators, 2 broadcasts and a weight vector in registers; 3 x 2 needs 6 of each
+// kind and gcc spills some float accumulators, which are touched once a block. Before
+// the int4 tile was unrolled, 3 x 2 was no faster (machines S and T, Zen 3). Unrolled, on
+// machine AD (Zen 3), one thread, 623 rows (throwaway C++ copy of these tiles, medians of
+// 11 alternated rounds): int4 3 x 2 took 0.92x the time of 2 x 2 at K 8960 and
+// 0.93-0.96x at K 1536 and 4864; 5-bit 0.98-1.03x (kept at 2); 6-bit 1.02-1.10x (kept
+// at 2). 2 x 3 was 0.97-1.04x; 4 x 1 and 1 x 4 had been 0.47-0.65x on S.
+constexpr int kInt4Rows = 3;
+constexpr int kGemmRows = 2;
 constexpr int kWideRows = 4;     // activation rows of an AVX-512 register tile
 constexpr int kWidePanels = 2;   // wide panels (16 columns each) of an AVX-512 register tile
 // 4 x 2 keeps 8 int32 block sums, 8 float accumulators and 2 weight vectors in 18 of the
@@ -561,11 +567,17 @@ at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, bool six_bit, int64_t
   const int64_t M = in.xq.size(0), K = in.xq.size(1);
   at::Tensor y = at::empty({M, N}, in.dx.options());
   float* yp = y.data_ptr<float>();
-  const int64_t columns = kPanel * count;
+  const int64_t columns = kPanel * count, groups = (N + columns - 1) / columns;
   std::atomic<bool> in_range{true};
-  at::parallel_for(0, (N + columns - 1) / columns, 1, [&](int64_t g0, int64_t g1) {
+  // Each thread claims the next group as it finishes one, where an even split would give
+  // each thread a fixed half: on a shared machine one CPU often runs slower than the other
+  // (hypervisor steal), and the faster then waited at the end of every call (libgomp's
+  // spin was 4.3 % of a 1.5B prefill's CPU samples on machine AD). A group's outputs do
+  // not depend on which thread computes them.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Panels panels(K, six_bit, count, wide);  // this thread's, laid out once for every row
-    for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t g = next.fetch_add(1); g < groups; g = next.fetch_add(1)) {
       const int64_t n0 = g * columns;
       for (int64_t p = 0; p < count; ++p) {
         if (!layout(n0 + p * kPanel, panels.dest(p))) {
@@ -583,15 +595,15 @@ at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, bool six_bit, int64_t
 }
 
 // panel_gemm on the kernels kernel_isa names: AVX-512 VNNI tiles (`wide_tile`) over wide
-// panels, or AVX2 ones (`tile`) over panels alone.
-template <typename Layout, typename Tile, typename WideTile>
+// panels, or AVX2 ones (`tile`, Rows activation rows a tile) over panels alone.
+template <int Rows, typename Layout, typename Tile, typename WideTile>
 at::Tensor isa_gemm(const QuantizedInput& in, int64_t N, bool six_bit, const Layout& layout,
                     const Tile& tile, const WideTile& wide_tile, const char* refusal) {
   if (ragqa::avx512_kernels_on()) {
     return panel_gemm<kWideRows>(in, N, six_bit, 2 * kWidePanels, true, layout, wide_tile,
                                  refusal);
   }
-  return panel_gemm<kGemmRows>(in, N, six_bit, kGemmPanels, false, layout, tile, refusal);
+  return panel_gemm<Rows>(in, N, six_bit, kGemmPanels, false, layout, tile, refusal);
 }
 
 // The minimum-form tiles (int4 and 5-bit panels; Q quads per int16 sum on AVX2) over
@@ -602,7 +614,7 @@ at::Tensor minimum_form_gemm(const QuantizedInput& in, int64_t N, int64_t K,
   const int8_t* xq = in.xq.data_ptr<int8_t>();
   const float* dx = in.dx.data_ptr<float>();
   const float* xsum = in.xsum.data_ptr<float>();
-  return isa_gemm(
+  return isa_gemm<Q == 8 ? kInt4Rows : kGemmRows>(
       in, N, false, layout,
       [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
         const PanelDest d = pn.dest(0);
@@ -698,7 +710,7 @@ at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const QuantizedInput in = quantize_blocks(x, false, true);
   const uint8_t* xq = reinterpret_cast<const uint8_t*>(in.xq.data_ptr<int8_t>());
   const float* dx = in.dx.data_ptr<float>();
-  return isa_gemm(
+  return isa_gemm<kGemmRows>(
       in, N, true,
       [&](int64_t n0, const PanelDest& out) {
         return layout_panel_q6(qp, scp, dp, n0, N, K, out);
