@@ -443,20 +443,22 @@ def test_int6_gemm_rejects_inputs_that_are_not_whole_blocks_of_256():
         qmatmul.int6_gemm(torch.randn(20, 128), q[:, :128], scales[:, :8], d)
 
 
-def test_prefill_gemms_give_the_same_floats_on_one_thread_as_on_two():
+def test_prefill_gemms_give_the_same_floats_whatever_the_threads_and_row_tiles():
     # Threads claim column groups as they go (which thread takes which varies from call to
     # call); 1000 columns are 63 groups of 16 (AVX-512: 32 of 32), the last one short.
+    # 7 rows are 3-row tiles and a last row (int4), or 2-row ones (5- and 6-bit; AVX-512
+    # 4): each row alone takes the 1-row tile, which must give the same floats.
     n, m, k = 1000, 7, 512
     x = torch.randn(m, k)
     _, _, qs, sm = _weights(n=n, k=k, g=32)
     q5, s5 = _q5_weights(n, k)
     q6, c6, d6 = _q6_weights(n, k)
 
-    def products():
+    def products(rows=x):
         return (
-            qmatmul.int4_gemm(x, qs, sm, 32),
-            qmatmul.int8_gemm(x, q5, s5),
-            qmatmul.int6_gemm(x, q6, c6, d6),
+            qmatmul.int4_gemm(rows, qs, sm, 32),
+            qmatmul.int8_gemm(rows, q5, s5),
+            qmatmul.int6_gemm(rows, q6, c6, d6),
         )
 
     threads = torch.get_num_threads()
@@ -467,8 +469,11 @@ def test_prefill_gemms_give_the_same_floats_on_one_thread_as_on_two():
         one = products()
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, two, strict=True):
+    rows = [products(x[i : i + 1]) for i in range(m)]
+    alone = [torch.cat([r[j] for r in rows]) for j in range(3)]
+    for a, b, c in zip(one, two, alone, strict=True):
         assert torch.equal(a, b)
+        assert torch.equal(a, c)
 
 
 def _q6_k_raw(n, k, seed=0):
