@@ -69,7 +69,7 @@ constexpr int kGemmPanels = 2;   // panels of a register tile
 // machine AD (Zen 3), one thread, 623 rows (throwaway C++ copy of these tiles, medians of
 // 11 alternated rounds): int4 3 x 2 took 0.92x the time of 2 x 2 at K 8960 and
 // 0.93-0.96x at K 1536 and 4864; 5-bit 0.98-1.03x (kept at 2); 6-bit 1.02-1.10x (kept
-// at 2). 2 x 3 was 0.97-1.04x; 4 x 1 and 1 x 4 had been 0.47-0.65x on S.
+// at 2). 2 x 3 was 0.95-1.10x; 4 x 1 and 1 x 4 had been 0.47-0.65x on S.
 constexpr int kInt4Rows = 3;
 constexpr int kGemmRows = 2;
 constexpr int kWideRows = 4;     // activation rows of an AVX-512 register tile
@@ -570,10 +570,10 @@ at::Tensor panel_gemm(const QuantizedInput& in, int64_t N, bool six_bit, int64_t
   const int64_t columns = kPanel * count, groups = (N + columns - 1) / columns;
   std::atomic<bool> in_range{true};
   // Each thread claims the next group as it finishes one, where an even split would give
-  // each thread a fixed half: on a shared machine one CPU often runs slower than the other
-  // (hypervisor steal), and the faster then waited at the end of every call (libgomp's
-  // spin was 4.3 % of a 1.5B prefill's CPU samples on machine AD). A group's outputs do
-  // not depend on which thread computes them.
+  // each thread a fixed half: on a shared machine one CPU often runs slower than the
+  // other, and the faster then waited at the end of every call (libgomp's spin was 4.3 %
+  // of a 1.5B prefill's CPU samples on machine AD, 2.3 % with this). A group's outputs
+  // do not depend on which thread computes them.
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Panels panels(K, six_bit, count, wide);  // this thread's, laid out once for every row
