@@ -37,7 +37,7 @@ import torch
 from generation import qmatmul
 from generation.gguf_file import GgufFile, GgufTensor
 from generation.provision import GGUF_NAME
-from generation.quant import GEMM_PACKS, dequantize_int4, dequantize_int8_blocks
+from generation.quant import GEMM_PACKS, Q4K_PACKS, dequantize_int4, dequantize_int8_blocks
 from generation.quant import GGUF_GROUP as GROUP
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,23 @@ def gguf_name(module: str) -> str | None:
     return f"blk.{match.group(1)}.{_PARTS[match.group(3)]}.weight"
 
 
+def _q4_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K blocks [B, 144] -> d, dmin [B, 1] float16 and the codes sc, mn [B, 8] uint8 of
+    their 8 sub-blocks of 32 (see `unpack_q4_k`)."""
+    d = blocks[:, 0:2].copy().view(np.float16)
+    dmin = blocks[:, 2:4].copy().view(np.float16)
+    codes = blocks[:, 4:16]
+    sc = np.empty((len(blocks), 8), np.uint8)
+    mn = np.empty((len(blocks), 8), np.uint8)
+    # Sub-blocks 0-3 keep 6 bits in bytes 0-3 (scales) and 4-7 (minima); sub-blocks 4-7
+    # keep 4 bits in bytes 8-11 and their top 2 bits in the top bits of bytes 0-7.
+    sc[:, :4] = codes[:, 0:4] & 63
+    mn[:, :4] = codes[:, 4:8] & 63
+    sc[:, 4:] = (codes[:, 8:12] & 0xF) | ((codes[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (codes[:, 8:12] >> 4) | ((codes[:, 4:8] >> 6) << 4)
+    return d, dmin, sc, mn
+
+
 def unpack_q4_k(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K blocks of an [n, k] tensor -> (q [n, k] uint8 0..15, scales_and_zeros
     [k/32, n, 2] float32), the int4 packs' form: w = (q - 8) * scale + zero.
@@ -89,24 +106,29 @@ def unpack_q4_k(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Te
     high ones. Sub-block j: s = d * sc_j, m = -dmin * mn_j.
     """
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 256, 144)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    codes = blocks[:, 4:16]
-    sc = np.empty((len(blocks), 8), np.uint8)
-    mn = np.empty((len(blocks), 8), np.uint8)
-    # Sub-blocks 0-3 keep 6 bits in bytes 0-3 (scales) and 4-7 (minima); sub-blocks 4-7
-    # keep 4 bits in bytes 8-11 and their top 2 bits in the top bits of bytes 0-7.
-    sc[:, :4] = codes[:, 0:4] & 63
-    mn[:, :4] = codes[:, 4:8] & 63
-    sc[:, 4:] = (codes[:, 8:12] & 0xF) | ((codes[:, 0:4] >> 6) << 4)
-    mn[:, 4:] = (codes[:, 8:12] >> 4) | ((codes[:, 4:8] >> 6) << 4)
-    scale = torch.from_numpy(d * sc).reshape(n, k // GROUP)
-    minimum = torch.from_numpy(-dmin * mn).reshape(n, k // GROUP)
+    d, dmin, sc, mn = _q4_k_parts(blocks)
+    scale = torch.from_numpy(d.astype(np.float32) * sc).reshape(n, k // GROUP)
+    minimum = torch.from_numpy(-dmin.astype(np.float32) * mn).reshape(n, k // GROUP)
     nibbles = torch.from_numpy(np.ascontiguousarray(blocks[:, 16:])).reshape(n, k // 64, 1, 32)
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=2).reshape(n, k)
     zero = minimum + 8 * scale
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return q, scales_and_zeros
+
+
+def q4_k_codes(raw: np.ndarray, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Q4_K blocks of an [n, k] tensor -> the Q4_K GEMM's scales (`qmatmul.q4k_gemm`, beside
+    the int4 packs' nibbles): q4k_codes [n, k/32, 2] uint8, each sub-block's sc and mn,
+    and q4k_dd [n, k/256, 2] float16, each block's d and dmin: w = d sc q - dmin mn, as
+    the file holds them (the int4 packs round d sc and dmin mn to float16)."""
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // 256, 144)
+    d, dmin, sc, mn = _q4_k_parts(blocks)
+    codes = np.stack([sc, mn], axis=-1).reshape(n, k // 32, 2)
+    dd = np.concatenate([d, dmin], axis=1).reshape(n, k // 256, 2)
+    return {
+        Q4K_PACKS[0]: torch.from_numpy(np.ascontiguousarray(codes)),
+        Q4K_PACKS[1]: torch.from_numpy(np.ascontiguousarray(dd)),
+    }
 
 
 def unpack_q4_1(raw: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +318,9 @@ class GgufPacks:
                 ok, order = self._model_order(module, found, values, weight, dims)
                 if ok:
                     packs = _rows_in_order(found, order, dims)
+                    if tensor.type_name == "Q4_K":
+                        # The same rows' scales as the file codes them, for the prefill GEMM
+                        packs.update(_rows_in_order(q4_k_codes(tensor.data, n, k), order))
             if packs is not None:
                 return mode, packs
             self._warn_not_the_models(

@@ -1,9 +1,9 @@
 """ragqa's CPU kernels: building, weight layout, calls.
 
 csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps,
-csrc/panel_gemm.cpp those of long prefills, csrc/decode_attention.cpp the float32
-attention of a decode step's one new token and csrc/decode_layer.cpp a quantized decoder
-layer's decode step built from both. The C++
+csrc/panel_gemm.cpp and csrc/q4k_gemm.cpp those of long prefills,
+csrc/decode_attention.cpp the float32 attention of a decode step's one new token and
+csrc/decode_layer.cpp a quantized decoder layer's decode step built from both. The C++
 sources are compiled once per machine and torch version with torch's extension
 builder (ninja and a C++ compiler) into a folder under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where it cannot be built or the CPU lacks AVX2/FMA/F16C,
@@ -33,12 +33,13 @@ SOURCES = [
     for name in (
         "qmatmul.cpp",
         "panel_gemm.cpp",
+        "q4k_gemm.cpp",
         "q6k_linear.cpp",
         "decode_attention.cpp",
         "decode_layer.cpp",
     )
 ]
-HEADERS = [CSRC / "kernel_common.h"]
+HEADERS = [CSRC / "kernel_common.h", CSRC / "panel_common.h"]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
 
 _lock = threading.Lock()
@@ -178,6 +179,16 @@ def int4_gemm(x: torch.Tensor, qs: torch.Tensor, sm: torch.Tensor, group_size: i
     float32, on an integer GEMM that lays the packs out in panels as it goes (AVX-512 VNNI
     or AVX2, as `kernel_isa` says; the two give the same floats bit for bit)."""
     return torch.ops.ragqa_qmatmul.q4_gemm(x.float(), qs, sm, group_size)
+
+
+def q4k_gemm(
+    x: torch.Tensor, qs: torch.Tensor, codes: torch.Tensor, dd: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] (any float dtype, K a multiple of 256) times a GGUF's Q4_K weights, w = d *
+    sc * q - dmin * m: qs [N, K/2] uint8 (the int4 packs' nibbles), codes [N, K/32, 2]
+    uint8 (sc, m), dd [N, K/256, 2] float16 (d, dmin) (`gguf_packs.unpack_q4_k`) -> [M, N]
+    float32, on the AVX2 integer GEMM with activations in int8 per 256 inputs."""
+    return torch.ops.ragqa_qmatmul.q4k_gemm(x.float(), qs, codes, dd)
 
 
 def int8_gemm(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,9 @@ GGUF_GROUP = 32  # the int4 group of gguf packs: Q4_K's sub-block, Q4_1's block
 # Packs an int8 layer may carry beside its decode packs for the integer prefill GEMM: a
 # GGUF's Q6_K blocks (`gguf_packs.unpack_q6_k`).
 GEMM_PACKS = ("q6", "q6_scales", "q6_d")
+# A GGUF's Q4_K scales for the integer prefill GEMM (`qmatmul.q4k_gemm`), beside the int4
+# packs' nibbles.
+Q4K_PACKS = ("q4k_codes", "q4k_dd")
 # What a setting may ask for: a mode, or "auto" for the one `resolve_mode` picks.
 SETTING_MODES = ("auto", *MODES)
 # What one layer holds: "q6k" is a GGUF's Q6_K blocks as they are, in "gguf" mode only.
@@ -219,6 +222,8 @@ class QuantizedLinear(nn.Module):
         self.gemm = False  # long calls on the integer GEMM (`prefill_on_gemm`)
         # An int8 layer's 6-bit blocks for that GEMM (GEMM_PACKS), where it has them.
         self.six_bit: tuple[torch.Tensor, ...] | None = None
+        # An int4 layer's Q4_K scales for the AVX2 GEMM (Q4K_PACKS), where its GGUF has them.
+        self.q4k: tuple[torch.Tensor, ...] | None = None
         self.bias = dense.bias
         dtype = dtype or dense.weight.dtype
         if packed is None:
@@ -255,6 +260,8 @@ class QuantizedLinear(nn.Module):
             qs = q.contiguous() if self._nibbles(q) else qmatmul.pack_nibbles(q)
             self.register_buffer("qweight", qs, persistent=False)
             self.register_buffer("scales", qmatmul.int4_scales(packed["scales"]), persistent=False)
+            if all(key in packed for key in Q4K_PACKS):
+                self.q4k = tuple(packed[key] for key in Q4K_PACKS)
         else:
             q = packed["qweight"]
             q = (qmatmul.unpack_nibbles(q) if self._nibbles(q) else q).to(torch.int32)
@@ -274,7 +281,8 @@ class QuantizedLinear(nn.Module):
         int4 values two to a byte where the kernel reads them so (half the bytes of one
         value a byte, and a cached load takes them as they are), else `packed` as it is."""
         if self.mode == "int4" and self.kernel:
-            return {"qweight": self.qweight, "scales": packed["scales"]}
+            q4k = {key: packed[key] for key in Q4K_PACKS if key in packed}
+            return {"qweight": self.qweight, "scales": packed["scales"], **q4k}
         return packed
 
     def prefill_weight(self) -> torch.Tensor:
@@ -356,6 +364,9 @@ class QuantizedLinear(nn.Module):
             y = qmatmul.int6_gemm(flat, *self.six_bit).to(x.dtype)
         elif long_gemm and self.mode == "int8":
             y = qmatmul.int8_gemm(flat, self.qweight, self.scales).to(x.dtype)
+        elif long_gemm and self.q4k is not None and qmatmul.kernel_isa() == "avx2":
+            # On AVX-512 VNNI the int4 GEMM's wide tiles are the faster (see q4k_gemm.cpp).
+            y = qmatmul.q4k_gemm(flat, self.qweight, *self.q4k).to(x.dtype)
         elif long_gemm:
             y = qmatmul.int4_gemm(flat, self.qweight, self.scales, self.group_size).to(x.dtype)
         elif self.kernel and self.mode == "int8":

@@ -44,6 +44,7 @@ from generation.quant import (
     GGUF_GROUP,
     MODES,
     PREFILL_WEIGHTS,
+    Q4K_PACKS,
     PrefillScratch,
     QuantizedLinear,
     prefill_layout,
@@ -74,17 +75,19 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 def cache_path(folder: Path, mode: str, group_size: int) -> Path:
     # int8 is "-b32": its scales went from one per row to one per block of 32, and a
     # cache of the old layout must not be read as the new one.
-    # gguf is "-q6k-decode": it holds Q6_K blocks as the decode packs of those tensors (mode
-    # q6k) and for the integer GEMM (GEMM_PACKS); a cache written before holds int8 decode
-    # packs for them ("-q6k") or lacks the GEMM blocks too (no suffix).
-    suffix = {"int4": f"-g{group_size}", "gguf": "-q6k-decode"}.get(mode, f"-b{qmatmul.BLOCK}")
+    # gguf is "-q4k": it holds Q4_K tensors' codes for their GEMM (Q4K_PACKS) and Q6_K
+    # blocks as the decode packs of those tensors (mode q6k) and for the integer GEMM
+    # (GEMM_PACKS); a cache written before lacks the Q4_K codes ("-q6k-decode"), holds
+    # int8 decode packs for Q6_K ("-q6k") or lacks their GEMM blocks too (no suffix).
+    suffix = {"int4": f"-g{group_size}", "gguf": "-q4k"}.get(mode, f"-b{qmatmul.BLOCK}")
     return folder / f"ragqa-quant-{mode}{suffix}.safetensors"
 
 
 # Caches that a cache of the same name replaces, written by an earlier ragqa: removed
 # once the new one is written (the 1.5B's gguf cache is 1.3 GB).
 SUPERSEDED = {
-    "ragqa-quant-gguf-q6k-decode.safetensors": (
+    "ragqa-quant-gguf-q4k.safetensors": (
+        "ragqa-quant-gguf-q6k-decode.safetensors",
         "ragqa-quant-gguf-q6k.safetensors",
         "ragqa-quant-gguf.safetensors",
     )
@@ -302,6 +305,8 @@ def quantize_model(
                 keys = ("qweight", "scales")
                 if on_gemm and f"{name}.{GEMM_PACKS[0]}" in stored_keys:
                     keys += GEMM_PACKS
+                if on_gemm and f"{name}.{Q4K_PACKS[0]}" in stored_keys:
+                    keys += Q4K_PACKS
                 packed = {key: stored.get_tensor(f"{name}.{key}") for key in keys}
             elif from_gguf is not None:
                 _, packed = from_gguf.pack(
@@ -360,7 +365,7 @@ def quantize_model(
                 quantized.weight = prefill_layout(linear.weight)
                 _drop_weight(linear)
             if not quantized.gemm:
-                quantized.six_bit = None  # read by the GEMM only
+                quantized.six_bit = quantized.q4k = None  # read by the GEMM only
             if dtype is not None:
                 _widen(quantized, dtype, narrow_kept)  # the bias, and a weight kept as it is
             parent_name, _, child = name.rpartition(".")

@@ -278,16 +278,17 @@ def test_lean_decode_of_a_gguf_model_mixing_int4_and_int8_equals_transformers_fo
 @pytest.mark.skipif(not KERNELS, reason="ragqa's kernels did not build here")
 def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
     cache = cache_path(tmp_path, "gguf", 64)
-    # Earlier ragqas': without Q6_K blocks, and with them for the GEMM only.
+    # Earlier ragqas': without Q6_K blocks, with them for the GEMM only, without Q4_K codes.
     stale = [
         tmp_path / "ragqa-quant-gguf.safetensors",
         tmp_path / "ragqa-quant-gguf-q6k.safetensors",
+        tmp_path / "ragqa-quant-gguf-q6k-decode.safetensors",
     ]
     for file in stale:
         file.write_bytes(b"packs without the Q6_K blocks for decode steps")
     first = gguf_model(tokenizer, tmp_path)
     quantize_model(first, "gguf", gguf=tmp_path / "model.gguf", cache=cache)
-    assert cache.name == "ragqa-quant-gguf-q6k-decode.safetensors" and cache.exists()
+    assert cache.name == "ragqa-quant-gguf-q4k.safetensors" and cache.exists()
     assert not any(file.exists() for file in stale)
     second = gguf_model(tokenizer, tmp_path / "other")  # the same weights (seeds), a new file
     (tmp_path / "other" / "model.gguf").unlink()  # a read of it would fail
@@ -305,6 +306,9 @@ def test_a_second_load_reads_the_cache_and_not_the_gguf(tokenizer, tmp_path):
     six_bit = second.get_submodule(o_name).six_bit
     assert six_bit is not None and second.get_submodule(o_name).gemm
     assert torch.equal(dequantize_q6_k(dict(zip(GEMM_PACKS, six_bit, strict=True))), o_weight)
+    # Layer 1 is all Q4_K: its projections carry the file's codes for the Q4_K GEMM.
+    up = second.get_submodule("model.layers.1.mlp.up_proj")
+    assert up.gemm and up.q4k is not None and up.q4k[0].shape == (up.out_features, 256 // 32, 2)
     for (name, a), (_, b) in zip(first.named_modules(), second.named_modules(), strict=True):
         if isinstance(a, QuantizedLinear):
             assert (a.mode, a.group_size) == (b.mode, b.group_size), name

@@ -31,6 +31,27 @@ inline float hsum(__m256 v) {
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 floats (v[0..3]) times inv, rounded to the nearest integer (ties to even) -> 32 int8
+// in input order; the caller's inv keeps them within -127..127.
+inline __m256i quantize32(const __m256 v[4], __m256 inv) {
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // int32 x 32 -> int8 x 32 (packs interleave 128-bit lanes; permute back).
+  const __m256i q8 =
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // Bytes of weights requested ahead of the row being read. A decode step streams every
 // weight once from DRAM (1.6 GB for the 1.5B model), and the hardware prefetcher alone
 // left the kernel 22-26% slower than a plain read of the same bytes; 1 KiB ahead brought

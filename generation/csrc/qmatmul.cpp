@@ -57,13 +57,6 @@ std::atomic<bool>& avx512_wanted() {
 
 inline bool avx512_on() { return avx512_wanted().load(std::memory_order_relaxed); }
 
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // How a kernel wants the int8 activations laid out.
 enum class ActivationLayout {
   kPlain,  // blocks in input order, signed (the AVX2 kernels)
@@ -107,17 +100,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
       }
       const float d = hmax(amax) / 127.0f;
       dx[m * nb + b] = d;
-      const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i) {
-        q[i] = _mm256_cvtps_epi32(
-            _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
-      // int32 x 32 -> int8 x 32 in input order (packs interleave 128-bit lanes; permute back).
-      __m256i q16a = _mm256_packs_epi32(q[0], q[1]);
-      __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
-      __m256i q8 = _mm256_packs_epi16(q16a, q16b);
-      q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      __m256i q8 = quantize32(v, _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f));
       // x + 128 as a byte: flipping the top bit maps -127..127 to 1..255
       q8 = _mm256_xor_si256(q8, offset);
       _mm256_storeu_si256(
