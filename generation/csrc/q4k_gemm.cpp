@@ -18,7 +18,7 @@
 // One thread, 621 rows, the 1.5B's shapes (machine AD, Zen 3; throwaway C++ copy of both
 // tiles): 0.87-0.90x the int4 3 x 2 tile's time at K 1536 and 8960.
 // AVX2 only: on AVX-512 VNNI a vpdpbusd does a quad's products and sums in one instruction
-// and the int4 GEMM's wide tiles serve Q4_K too (qmatmul.py chooses).
+// and the int4 GEMM's wide tiles serve Q4_K too (QuantizedLinear.forward chooses).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
