@@ -139,19 +139,24 @@ inline void quad_products(const uint8_t* wp, const int8_t* xq, __m256i sums[R][P
     for (int p = 0; p < P; ++p) asm volatile("" : "+x"(sums[r][p]));
 }
 
+// What a panel holds beside its weights: a scale and a minimum per block (int4 and 5-bit
+// panels), a scale per block, a c per 16 inputs and an offset per block (6-bit ones), or
+// a scale per 256, a minimum and an integer scale per block (Q4_K ones).
+enum class PanelKind { kMinimum, kSixBit, kQ4K };
+
 // One thread's panels of a column group (`count` of them): each buffer holds them one
 // after another, or with `wide` in pairs side by side (PanelDest says where each goes).
 struct Panels {
-  Panels(int64_t k, bool six_bit, int64_t count, bool wide)
+  Panels(int64_t k, PanelKind kind, int64_t count, bool wide)
       : K(k),
         wide(wide),
         wp(count * k * kPanel),
         s(count * k / kBlock * kPanel),
-        mn(six_bit ? 0 : s.size()),
-        sub(count * k / 16 * kPanel),
-        base(six_bit ? s.size() : 0) {}
+        mn(kind == PanelKind::kSixBit ? 0 : s.size()),
+        sub(kind == PanelKind::kMinimum ? 0 : count * k / 16 * kPanel),
+        base(kind == PanelKind::kSixBit ? s.size() : 0) {}
 
-  // Where panel p's parts go; the six-bit or the minimum ones are null where unused.
+  // Where panel p's parts go; those its kind lacks are null.
   PanelDest dest(int64_t p) {
     // Offsets in panels' worth of each part, and within a wide pair.
     const int64_t first = wide ? p / 2 * 2 : p, half = wide ? p % 2 : 0;
@@ -170,8 +175,8 @@ struct Panels {
   bool wide;
   std::vector<uint8_t> wp;
   std::vector<float> s, mn;
-  // sub: a 6-bit panel's c per 16 inputs, a Q4_K panel's sub-block scales per 32; base:
-  // 6-bit panels only.
+  // sub: a 6-bit panel's c per 16 inputs, a Q4_K panel's integer scales per 32 (in the
+  // first half); base: 6-bit panels only.
   std::vector<int32_t> sub, base;
 };
 
@@ -181,7 +186,7 @@ struct Panels {
 // `refusal`) and read by every activation row in tiles: `tile(rows, panels, m, n0, y)` for
 // rows (a std::integral_constant: Rows, or 1 for the last rows) activation rows from m.
 template <int Rows, typename Layout, typename Tile>
-at::Tensor panel_gemm(const BlockActivations& in, int64_t N, bool six_bit, int64_t count,
+at::Tensor panel_gemm(const BlockActivations& in, int64_t N, PanelKind kind, int64_t count,
                       bool wide, const Layout& layout, const Tile& tile, const char* refusal) {
   const int64_t M = in.xq.size(0), K = in.xq.size(1);
   at::Tensor y = at::empty({M, N}, in.dx.options());
@@ -195,7 +200,7 @@ at::Tensor panel_gemm(const BlockActivations& in, int64_t N, bool six_bit, int64
   // do not depend on which thread computes them.
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    Panels panels(K, six_bit, count, wide);  // this thread's, laid out once for every row
+    Panels panels(K, kind, count, wide);  // this thread's, laid out once for every row
     for (int64_t g = next.fetch_add(1); g < groups; g = next.fetch_add(1)) {
       const int64_t n0 = g * columns;
       for (int64_t p = 0; p < count; ++p) {
@@ -212,6 +217,5 @@ at::Tensor panel_gemm(const BlockActivations& in, int64_t N, bool six_bit, int64
   TORCH_CHECK(in_range.load(), refusal);
   return y;
 }
-
 
 }  // namespace ragqa::panel

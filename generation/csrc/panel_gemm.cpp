@@ -425,13 +425,13 @@ QuantizedInput quantize_gemm_input(const at::Tensor& x, bool int5) {
 // panel_gemm on the kernels kernel_isa names: AVX-512 VNNI tiles (`wide_tile`) over wide
 // panels, or AVX2 ones (`tile`, Rows activation rows a tile) over panels alone.
 template <int Rows, typename Layout, typename Tile, typename WideTile>
-at::Tensor isa_gemm(const QuantizedInput& in, int64_t N, bool six_bit, const Layout& layout,
+at::Tensor isa_gemm(const QuantizedInput& in, int64_t N, PanelKind kind, const Layout& layout,
                     const Tile& tile, const WideTile& wide_tile, const char* refusal) {
   if (ragqa::avx512_kernels_on()) {
-    return panel_gemm<kWideRows>(in, N, six_bit, 2 * kWidePanels, true, layout, wide_tile,
+    return panel_gemm<kWideRows>(in, N, kind, 2 * kWidePanels, true, layout, wide_tile,
                                  refusal);
   }
-  return panel_gemm<Rows>(in, N, six_bit, kGemmPanels, false, layout, tile, refusal);
+  return panel_gemm<Rows>(in, N, kind, kGemmPanels, false, layout, tile, refusal);
 }
 
 // The minimum-form tiles (int4 and 5-bit panels; Q quads per int16 sum on AVX2) over
@@ -443,7 +443,7 @@ at::Tensor minimum_form_gemm(const QuantizedInput& in, int64_t N, int64_t K,
   const float* dx = in.dx.data_ptr<float>();
   const float* xsum = in.xsum.data_ptr<float>();
   return isa_gemm<Q == 8 ? kInt4Rows : kGemmRows>(
-      in, N, false, layout,
+      in, N, PanelKind::kMinimum, layout,
       [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
         const PanelDest d = pn.dest(0);
         gemm_tile<decltype(rows)::value, kGemmPanels, Q>(d.wp, d.s, d.mn, xq, dx, xsum, y, m,
@@ -539,7 +539,7 @@ at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const uint8_t* xq = reinterpret_cast<const uint8_t*>(in.xq.data_ptr<int8_t>());
   const float* dx = in.dx.data_ptr<float>();
   return isa_gemm<kGemmRows>(
-      in, N, true,
+      in, N, PanelKind::kSixBit,
       [&](int64_t n0, const PanelDest& out) {
         return layout_panel_q6(qp, scp, dp, n0, N, K, out);
       },

@@ -196,7 +196,7 @@ at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor&
   const float* dx = in.dx.data_ptr<float>();
   const float* xsum = in.xsum.data_ptr<float>();
   return panel_gemm<kRows>(
-      in, N, false, kGemmPanels, false,
+      in, N, PanelKind::kQ4K, kGemmPanels, false,
       [&](int64_t n0, const PanelDest& out) {
         layout_panel_q4k(qp, cp, dp, n0, N, K, out);
         return true;
