@@ -10,7 +10,10 @@ one run after each of the engine's, on the same thread. With --compare-hf-forwar
 round also decodes through transformers' forward instead of `generation/lean_decode.py`.
 With --kernel-isa avx2 on a CPU with AVX-512 VNNI, quantized layers run on the AVX2
 kernels; with --compare-avx2, each round also runs on them (the two in the same rounds):
-decode steps, and the integer prefill GEMM where the prefill takes it.
+decode steps, and the integer prefill GEMM where the prefill takes it. With
+--compare-one-part, each round also decodes with the decode kernels' activations in one
+int8 part instead of two (`qmatmul.set_two_part_activations`); --activation-parts 1 runs
+the whole benchmark so.
 """
 
 from __future__ import annotations
@@ -177,6 +180,40 @@ def avx2_once(
     return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids, r.ttft_s
 
 
+def one_part_once(
+    engine: Engine, ids: list[int], params: GenerationParams
+) -> tuple[float, list[int], float]:
+    """(decode tok/s, tokens, ttft_s) of one generation with the decode kernels'
+    activations in one int8 part (the prefill GEMMs take one part either way)."""
+    previous = qmatmul.set_two_part_activations(False)
+    try:
+        r = engine.generate(ids, params)
+    finally:
+        qmatmul.set_two_part_activations(previous)
+    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids, r.ttft_s
+
+
+def variant_comparison(
+    name: str,
+    ours: list[tuple[float, float, list[int]]],
+    runs: list[tuple[float, list[int], float]],
+) -> dict[str, Any]:
+    """The engine's rounds against the same rounds of a variant (`avx2_once`, ...)."""
+    return {
+        f"{name}_decode_tok_s": round(statistics.median(x[0] for x in runs), 2),
+        f"{name}_decode_tok_s_per_round": [round(x[0], 2) for x in runs],
+        f"ratio_decode_vs_{name}_paired": round(
+            statistics.median(o[1] / x[0] for o, x in zip(ours, runs, strict=True)), 3
+        ),
+        # the two round differently, so greedy tokens may part after a while
+        f"{name}_tokens_identical": all(x[1] == ours[0][2] for x in runs),
+        f"{name}_ttft_s": round(statistics.median(x[2] for x in runs), 3),
+        f"ratio_ttft_vs_{name}_paired": round(
+            statistics.median(o[0] / x[2] for o, x in zip(ours, runs, strict=True)), 3
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -214,6 +251,18 @@ def main() -> None:
         action="store_true",
         help="Also run each round on the AVX2 kernels (a CPU with AVX-512 VNNI).",
     )
+    parser.add_argument(
+        "--activation-parts",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="The decode kernels' activations in one int8 part or two (the default).",
+    )
+    parser.add_argument(
+        "--compare-one-part",
+        action="store_true",
+        help="Also decode each round with one-part activations (against two).",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -242,8 +291,22 @@ def main() -> None:
         raise SystemExit(f"could not load {args.model}: {scheduler.load_error}")
     engine, report = scheduler.engine, reports[0]
     on_model = scheduler.call
-    if (args.kernel_isa != "auto" or args.compare_avx2) and not qmatmul.loaded():
-        raise SystemExit("--kernel-isa and --compare-avx2 need ragqa's kernels (not loaded)")
+    kernel_flags = (
+        args.kernel_isa != "auto"
+        or args.compare_avx2
+        or args.compare_one_part
+        or args.activation_parts != 2
+    )
+    if kernel_flags and not qmatmul.loaded():
+        raise SystemExit(
+            "--kernel-isa, --compare-avx2, --activation-parts and --compare-one-part need "
+            "ragqa's kernels (not loaded)"
+        )
+    compare_one_part = args.compare_one_part and args.activation_parts == 2
+    if args.compare_one_part and not compare_one_part:
+        logging.warning("skipping --compare-one-part: --activation-parts 1 runs one part already")
+    if qmatmul.loaded():
+        qmatmul.set_two_part_activations(args.activation_parts == 2)
     compare_avx2 = args.compare_avx2 and qmatmul.kernel_isa() != "avx2"
     if args.compare_avx2 and not compare_avx2:
         logging.warning("skipping --compare-avx2: the kernels already run on AVX2")
@@ -271,6 +334,7 @@ def main() -> None:
     ours, theirs, llama_runs = [], [], []
     hf_forward: list[tuple[float, list[int]]] = []
     avx2: list[tuple[float, list[int], float]] = []
+    one_part: list[tuple[float, list[int], float]] = []
     # Interleaved, one run of each per round: the memory bandwidth of a shared machine
     # drifts by up to a third within an hour, and decode steps are bound by it.
     for _ in range(args.runs):
@@ -284,6 +348,8 @@ def main() -> None:
             hf_forward.append(on_model(lambda: hf_forward_once(engine, ids, greedy)))
         if compare_avx2:
             avx2.append(on_model(lambda: avx2_once(engine, ids, greedy)))
+        if compare_one_part:
+            one_part.append(on_model(lambda: one_part_once(engine, ids, greedy)))
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
     gen_ttft = statistics.median(x[0] for x in theirs)
@@ -353,20 +419,10 @@ def main() -> None:
             "hf_forward_tokens_identical": all(x[1] == ours[0][2] for x in hf_forward),
         }
     if avx2:
-        comparisons |= {
-            "avx2_decode_tok_s": round(statistics.median(x[0] for x in avx2), 2),
-            "avx2_decode_tok_s_per_round": [round(x[0], 2) for x in avx2],
-            "ratio_decode_vs_avx2_paired": round(
-                statistics.median(o[1] / x[0] for o, x in zip(ours, avx2, strict=True)), 3
-            ),
-            # the two paths round differently, so greedy tokens may part after a while
-            "avx2_tokens_identical": all(x[1] == ours[0][2] for x in avx2),
-            # the integer prefill GEMM runs on AVX2 too (a float prefill does not change)
-            "avx2_ttft_s": round(statistics.median(x[2] for x in avx2), 3),
-            "ratio_ttft_vs_avx2_paired": round(
-                statistics.median(o[0] / x[2] for o, x in zip(ours, avx2, strict=True)), 3
-            ),
-        }
+        # the integer prefill GEMM runs on AVX2 too (a float prefill does not change)
+        comparisons |= variant_comparison("avx2", ours, avx2)
+    if one_part:
+        comparisons |= variant_comparison("one_part", ours, one_part)
     result = {
         "model": args.model,
         "quantization": report.quantization,
@@ -375,6 +431,7 @@ def main() -> None:
         "dtype": report.dtype,
         "prefill_dtype": report.prefill_dtype,
         "kernel_isa": qmatmul.kernel_isa() if qmatmul.loaded() else None,
+        "activation_parts": args.activation_parts if qmatmul.loaded() else None,
         "threads": torch.get_num_threads(),
         "prompt_tokens": len(ids),
         "new_tokens": n,

@@ -273,6 +273,21 @@ def available_kernel_isas() -> list[str]:
     return ["avx2"]
 
 
+def two_part_activations() -> bool:
+    """Whether `int4_linear`, `int8_linear` and `int6_linear` take their activations in two
+    int8 parts (the default): x ~ d (q + r / 256) per block of 32, the second part rounding
+    what the first leaves, so each activation is off by at most d / 512 instead of d / 2
+    (csrc/kernel_common.h, kFineBits). The prefill GEMMs always take one part. Needs
+    `load()`."""
+    return torch.ops.ragqa_qmatmul.two_part_activations()
+
+
+def set_two_part_activations(on: bool) -> bool:
+    """Two-part (True) or one-part int8 activations for the decode kernels from now on in
+    this process; returns the previous choice: for tests and benchmarks comparing the two."""
+    return torch.ops.ragqa_qmatmul.set_two_part_activations(on)
+
+
 def loaded() -> bool:
     """Whether `load()` has already succeeded in this process (never builds)."""
     return _state.get("ok", False)

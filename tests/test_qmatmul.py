@@ -43,6 +43,22 @@ def isa(request):
     qmatmul.set_kernel_isa(previous)
 
 
+@pytest.fixture(params=[1, 2], ids=["one-part", "two-part"])
+def parts(request):
+    """Runs a test with the decode kernels' activations in one int8 part and in two."""
+    previous = qmatmul.set_two_part_activations(request.param == 2)
+    yield request.param
+    qmatmul.set_two_part_activations(previous)
+
+
+@pytest.fixture
+def one_part():
+    """The decode kernels with one-part activations: the prefill GEMMs' rounding."""
+    previous = qmatmul.set_two_part_activations(False)
+    yield
+    qmatmul.set_two_part_activations(previous)
+
+
 def _weights(n=96, k=256, g=64, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k) * 0.05
@@ -58,10 +74,21 @@ def _float_weight(q, sm, g):
     return (q.reshape(n, k // g, g).float() * s[..., None] + m[..., None]).reshape(n, k)
 
 
-def _quantized_activations(x):
+def _quantized_activations(x, parts=1):
+    """The activations the kernels multiply and each block's largest rounding error, [M,
+    K/32]: d / 2 in one int8 part (d = max|x| / 127), d / 512 in two, whose second rounds
+    what the first leaves at a step of d / 256 (within -127..127). Rounded as the kernels
+    round: times 1 / d in float32, the residual exact before its one rounding (an fma)."""
     blocks = x.reshape(x.shape[0], -1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(blocks / d) * d).reshape(x.shape), d.squeeze(-1)
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    coarse = torch.round(blocks * inv)
+    if parts == 1:
+        return (coarse * d).reshape(x.shape), (d / 2).squeeze(-1)
+    residual = (blocks.double() - coarse.double() * d.double()).float()
+    fine = torch.clamp(torch.round(residual * (inv * 256)), -127, 127)
+    value = coarse.double() * d.double() + fine.double() * (d.double() / 256)
+    return value.float().reshape(x.shape), (d / 512).squeeze(-1)
 
 
 def test_packed_layout_dequantizes_to_the_same_weights_as_quantize_int4():
@@ -81,12 +108,12 @@ def test_nibbles_unpack_to_the_values_they_were_packed_from():
 
 # 256: whole groups of 4 blocks; 1088: two groups of 16 blocks and a last pair (AVX-512)
 @pytest.mark.parametrize("k", [256, 1088])
-def test_int4_kernel_equals_integer_arithmetic_on_int8_activations(isa, k):
+def test_int4_kernel_equals_integer_arithmetic_on_int8_activations(isa, parts, k):
     g = 64
     q, _, qs, sm = _weights(k=k, g=g)
     x = torch.randn(5, k)
     y = qmatmul.int4_linear(x, qs, sm, g)
-    xq, _ = _quantized_activations(x)
+    xq, _ = _quantized_activations(x, parts)
     n, k = q.shape
     scaled = (q.reshape(n, k // g, g).float() * sm[..., 0].float()[..., None]).reshape(n, k)
     # the minimum term uses the exact float activations, the scaled term the int8 ones
@@ -101,22 +128,23 @@ def test_int4_kernel_equals_integer_arithmetic_on_int8_activations(isa, k):
     [(32, 512), (64, 512), (128, 512), (256, 512), (96, 384), (32, 320), (32, 704), (64, 704)],
 )
 def test_int4_kernel_error_against_float_weights_stays_within_activation_rounding_bound(
-    isa, group, k
+    isa, parts, group, k
 ):
     q, _, qs, sm = _weights(n=64, k=k, g=group)
     x = torch.randn(3, k)
     w = _float_weight(q, sm, group)
-    err = (qmatmul.int4_linear(x, qs, sm, group) - x @ w.T).abs()
-    # each activation moves by at most half its block's step d = max|x| / 127
-    _, d = _quantized_activations(x)
-    bound = (d / 2) @ w.abs().reshape(64, -1, 32).sum(-1).T
-    assert (err <= bound + 1e-4).all()
+    err = (qmatmul.int4_linear(x, qs, sm, group).double() - x.double() @ w.double().T).abs()
+    # each activation moves by at most half its block's step: d = max|x| / 127 in one
+    # part, d / 256 in two
+    _, half_step = _quantized_activations(x, parts)
+    bound = half_step.double() @ w.abs().reshape(64, -1, 32).sum(-1).double().T
+    assert (err <= bound + 1e-5).all()
     assert err.max() > 0  # the activations really are quantized
 
 
 # whole groups of 8 blocks; 8 blocks plus a tail of 2; 16 blocks plus 4 and a last pair
 @pytest.mark.parametrize("k", [256, 320, 704])
-def test_rows_are_computed_independently_for_every_tile_size(isa, k):
+def test_rows_are_computed_independently_for_every_tile_size(isa, parts, k):
     _, _, qs, sm = _weights(k=k)
     q8, s8 = quantize_int8_blocks(torch.randn(96, k))
     x = torch.randn(7, k)  # one tile of 4 and one of 3
@@ -131,7 +159,7 @@ def test_rows_are_computed_independently_for_every_tile_size(isa, k):
 
 # 320: 10 blocks (AVX2: 8 and 2 one at a time); 608: 19 blocks (AVX-512: 16 and 3)
 @pytest.mark.parametrize("k", [320, 608])
-def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound(isa, k):
+def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound(isa, parts, k):
     torch.manual_seed(0)
     w = torch.randn(80, k) * 0.05
     w[5, 64:96] *= 40  # an outlier block: its own scale, not its row's
@@ -140,16 +168,16 @@ def test_int8_kernel_equals_integer_arithmetic_and_stays_within_rounding_bound(i
     assert s8.shape == (80, k // 32) and s8[5, 2] > 20 * s8[5, 1]
     x = torch.randn(3, k)
     y = qmatmul.int8_linear(x, q8, s8)
-    xq, d = _quantized_activations(x)
+    xq, half_step = _quantized_activations(x, parts)
     wq = dequantize_int8_blocks(q8, s8)
     assert (wq - w).abs().max() <= s8.float().max() / 2 + 1e-6
     assert torch.allclose(y, xq @ wq.T, atol=1e-4, rtol=1e-5)
-    err = (y - x @ wq.T).abs()
-    bound = (d / 2) @ wq.abs().reshape(80, -1, 32).sum(-1).T
-    assert (err <= bound + 1e-4).all() and err.max() > 0
+    err = (y.double() - x.double() @ wq.double().T).abs()
+    bound = half_step.double() @ wq.abs().reshape(80, -1, 32).sum(-1).double().T
+    assert (err <= bound + 1e-5).all() and err.max() > 0
 
 
-def test_both_instruction_sets_sum_the_same_products_and_differ_only_in_float_rounding():
+def test_both_instruction_sets_sum_the_same_products_and_differ_only_in_float_rounding(parts):
     available = qmatmul.available_kernel_isas()
     if "avx512-vnni" not in available:
         pytest.skip("this CPU has only the AVX2 kernels")
@@ -341,7 +369,9 @@ def test_int4_gemm_sums_the_decode_kernels_products_in_int16_without_overflow(is
     assert torch.allclose(y, qmatmul.int4_linear(x, qs, sm, 32), rtol=1e-6)
 
 
-def test_int4_gemm_matches_the_decode_kernel_up_to_float_rounding_on_a_model_shape(isa):
+def test_int4_gemm_matches_the_one_part_decode_kernel_up_to_float_rounding_on_a_model_shape(
+    isa, one_part
+):
     _, _, qs, sm = _weights(n=300, k=1536, g=32)
     x = torch.randn(37, 1536)
     gemm, decode = qmatmul.int4_gemm(x, qs, sm, 32), qmatmul.int4_linear(x, qs, sm, 32)
@@ -361,7 +391,9 @@ def _q5_weights(n, k, seed=0):
 
 
 @pytest.mark.parametrize(("n", "m", "k"), [(96, 6, 256), (21, 3, 96)])
-def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations(n, m, k, isa):
+def test_int8_gemm_of_5_bit_values_equals_integer_arithmetic_on_int8_activations(
+    n, m, k, isa, one_part
+):
     q, d = _q5_weights(n, k)
     x = torch.randn(m, k)
     xq, _ = _quantized_activations(x)
@@ -495,23 +527,23 @@ def _q6_k_packs(raw, n, k):
 
 # M: one decode row, a tile of 3, a whole tile of 4 and one more; K: 1 and 4 superblocks.
 @pytest.mark.parametrize(("n", "m", "k"), [(21, 1, 256), (40, 3, 1024), (17, 5, 512), (8, 4, 256)])
-def test_int6_linear_equals_integer_arithmetic_on_int8_activations(isa, n, m, k):
+def test_int6_linear_equals_integer_arithmetic_on_int8_activations(isa, parts, n, m, k):
     qw, sw, weight = _q6_k_packs(_q6_k_raw(n, k, seed=n), n, k)
     x = torch.randn(m, k)
-    xq, _ = _quantized_activations(x)
+    xq, _ = _quantized_activations(x, parts)
     y = qmatmul.int6_linear(x, qw, sw)
     assert y.shape == (m, n)
     assert torch.allclose(y.double(), xq.double() @ weight.T, atol=1e-5, rtol=1e-5)
 
 
-def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch(isa):
+def test_int6_linear_gives_each_row_the_same_floats_alone_or_in_a_batch(isa, parts):
     qw, sw, _ = _q6_k_packs(_q6_k_raw(33, 768), 33, 768)
     x = torch.randn(7, 768)
     rows = torch.cat([qmatmul.int6_linear(x[i : i + 1], qw, sw) for i in range(7)])
     assert torch.equal(qmatmul.int6_linear(x, qw, sw), rows)
 
 
-def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow(isa):
+def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow(isa, one_part):
     # Stored 63 (q = 31) and 0 (q = -32) against activations of 127 and -127, scales 127
     # and -128: an AVX2 maddubs lane reaches 2 * 63 * 127, an AVX-512 vpdpbusd lane (x + 128
     # times q) 4 * 255 * 31 from its start, the block sums 32 * 63 * 127 * 128.
@@ -523,6 +555,59 @@ def test_int6_linear_sums_the_extreme_6_bit_products_without_overflow(isa):
     qw, sw, weight = _q6_k_packs(raw, 2, k)
     x = torch.cat([torch.full((1, k), 2.0), torch.full((1, k), -2.0)])
     assert torch.equal(qmatmul.int6_linear(x, qw, sw).double(), x.double() @ weight.T)
+
+
+def _largest_two_part_activations(m, k):
+    """Rows whose every block rounds to the largest parts: 126 then 127 (the residual
+    0.496 of a step at 1/256 of it), or -126 and -127, with one value per block setting
+    the step to 1; alternate rows negated."""
+    x = torch.full((m, k), 126.496)
+    x[:, ::32] = 127.0
+    x[1::2] *= -1
+    return x
+
+
+def test_two_part_activations_sum_the_largest_products_without_overflow(isa):
+    # int4 15, int8 +-127 and 6-bit 31 / -32 against both parts at their largest: an int8
+    # block sums 32 * 127 * (126 * 256 + 127) in int32, an AVX-512 lane 4 * 127 * that.
+    assert qmatmul.two_part_activations()  # the default
+    k = 512
+    x = _largest_two_part_activations(4, k)
+    xq, _ = _quantized_activations(x, 2)
+    assert torch.equal(xq, torch.where(x.abs() == 127, x, torch.sign(x) * (126 + 127 / 256)))
+    q4 = torch.full((2, k), 15, dtype=torch.uint8)
+    qs = qmatmul.pack_nibbles(q4)
+    sm = torch.stack([torch.ones(2, k // 32), torch.zeros(2, k // 32)], -1).half()
+    y4 = qmatmul.int4_linear(x, qs, sm, 32).double()
+    assert torch.allclose(y4, xq.double() @ torch.full((2, k), 15.0).double().T, rtol=1e-6)
+    w8 = torch.full((2, k), 127, dtype=torch.int8)
+    w8[1] = -127
+    d8 = torch.ones(2, k // 32, dtype=torch.float16)
+    y8 = qmatmul.int8_linear(x, w8, d8).double()
+    assert torch.allclose(y8, xq.double() @ w8.double().T, rtol=1e-6)
+    raw = np.zeros((2, k // 256, 210), dtype=np.uint8)
+    raw[0, :, :192], raw[0, :, 192:208] = 0xFF, 0x01  # every value 31, every scale 1
+    raw[1, :, :192], raw[1, :, 192:208] = 0x00, 0x01  # every value -32
+    raw[:, :, 208:210] = np.full((2, k // 256), 1.0, np.float16).view(np.uint8).reshape(2, -1, 2)
+    qw, sw, weight = _q6_k_packs(raw.reshape(2, -1), 2, k)
+    y6 = qmatmul.int6_linear(x, qw, sw).double()
+    assert torch.allclose(y6, xq.double() @ weight.T, rtol=1e-6)
+
+
+def test_two_part_activations_give_the_float_product_within_a_512th_of_a_step(isa):
+    # One-part activations are off by up to d / 2; the second part leaves d / 512.
+    _, _, qs, sm = _weights(n=64, k=1024, g=32)
+    w = torch.empty(64, 1024)
+    qmatmul.int4_dequantize(qs, sm, 32, w)
+    x = torch.randn(6, 1024) * torch.rand(1, 1024) * 4  # uneven block scales
+    exact = x.double() @ w.double().T
+    previous = qmatmul.set_two_part_activations(False)
+    try:
+        coarse = (qmatmul.int4_linear(x, qs, sm, 32).double() - exact).abs().max()
+    finally:
+        qmatmul.set_two_part_activations(previous)
+    fine = (qmatmul.int4_linear(x, qs, sm, 32).double() - exact).abs().max()
+    assert fine < coarse / 100
 
 
 def test_int6_dequantize_gives_the_weights_the_blocks_stand_for():

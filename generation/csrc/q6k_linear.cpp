@@ -15,7 +15,8 @@
 //       from the lowest. Values are stored as q + 32, 0..63.
 //   sw [N, K/256 * 18] uint8: the block's 16 int8 scales c (one per 16 weights, in order)
 //       and its float16 d: w = (stored - 32) * c * d.
-// With activations x = xq * dx (int8 per block of 32, as in qmatmul.cpp):
+// With activations x = xq * dx (int8 per block of 32, as in qmatmul.cpp; in two parts,
+// each part's sums are joined in integers first, as there):
 //   y[n] = sum_s d_s sum_{16 inputs t} c_t dx_{b(t)} (sum (stored - 32) xq)
 // maddubs takes the stored values (unsigned, at most 63) against the signed activations,
 // a lane at most 2 * 63 * 127 = 16002 (no saturation); the -32 sum xq of each 16 inputs
@@ -93,10 +94,12 @@ inline __m256i half_sums(const __m256i v[4], const int8_t* x) {
 // Rows [n0, n1) for activation rows [m0, m0 + MT). Each output row keeps one accumulator
 // per activation row and adds its halves in order, so an output is the same float
 // whatever the tile size (a request decodes the same tokens alone or in a batch).
-template <int MT>
-void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const float* dx,
-                  const int32_t* off, float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N,
-                  int64_t K) {
+// With Fine, xr and off_r are the activations' residual part and its offsets, and each
+// sum is (sum over xq) << kFineBits + sum over xr (kernel_common.h, kFineBits).
+template <int MT, bool Fine>
+void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const int8_t* xr,
+                  const float* dx, const int32_t* off, const int32_t* off_r, float* y, int64_t n0,
+                  int64_t n1, int64_t m0, int64_t N, int64_t K) {
   const int64_t ns = K / kSuper, nb = K / kBlock, nt = K / 16;
   const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
   const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
@@ -134,10 +137,14 @@ void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const 
                             _mm256_and_si256(_mm256_srli_epi16(t, 2), top2))};
         for (int i = 0; i < MT; ++i) {
           const int64_t row = m0 + i;
-          const __m256i sums = _mm256_sub_epi32(
-              half_sums(v, xq + row * K + s * kSuper + 128 * h),
-              _mm256_loadu_si256(
-                  reinterpret_cast<const __m256i*>(off + row * nt + s * 16 + 8 * h)));
+          const int64_t at = row * K + s * kSuper + 128 * h, slot = row * nt + s * 16 + 8 * h;
+          auto load = [](const int32_t* p) {
+            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          };
+          __m256i sums = _mm256_sub_epi32(half_sums(v, xq + at), load(off + slot));
+          if constexpr (Fine) {
+            sums = join_parts(sums, _mm256_sub_epi32(half_sums(v, xr + at), load(off_r + slot)));
+          }
           // lane t < 4: block t of the half, lane t >= 4: block t - 4
           const __m256 dxv =
               _mm256_broadcast_ps(reinterpret_cast<const __m128*>(dx + row * nb + s * 8 + 4 * h));
@@ -157,10 +164,13 @@ void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const 
 // 64 consecutive inputs; its 16 lanes of 4 inputs take c * d of their 16 inputs and dx of
 // their 32. A lane reaches 4 * 255 * 32 = 32640 from a start within +-16384: no overflow,
 // and exact as a float.
-template <int MT>
+// With Fine, xr is the residual part (also x + 128), whose sums start from the first
+// part's shifted by kFineBits plus the same base: a lane then reaches 257 * 4 * 127 * 32,
+// still exact as a float (< 2^24).
+template <int MT, bool Fine>
 RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, const uint8_t* xu,
-                                      const float* dx, float* y, int64_t n0, int64_t n1,
-                                      int64_t m0, int64_t N, int64_t K) {
+                                      const uint8_t* xr, const float* dx, float* y, int64_t n0,
+                                      int64_t n1, int64_t m0, int64_t N, int64_t K) {
   const int64_t ns = K / kSuper, nb = K / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
   const __m512i bias = _mm512_set1_epi8(32), minus128 = _mm512_set1_epi8(-128);
@@ -216,8 +226,14 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
             pair_of, _mm512_castps256_ps512(_mm256_loadu_ps(dx + row * nb + s * 8)));
         const __m512 scale = _mm512_mul_ps(cd, dx16);  // per group of 16 inputs
         const uint8_t* x = xu + row * K + s * kSuper;
+        const uint8_t* r = xr + row * K + s * kSuper;
         for (int z = 0; z < 4; ++z) {
-          const __m512i sums = _mm512_dpbusd_epi32(base[z], _mm512_loadu_si512(x + 64 * z), w[z]);
+          __m512i sums = _mm512_dpbusd_epi32(base[z], _mm512_loadu_si512(x + 64 * z), w[z]);
+          if constexpr (Fine) {
+            sums = _mm512_dpbusd_epi32(
+                _mm512_add_epi32(_mm512_slli_epi32(sums, kFineBits), base[z]),
+                _mm512_loadu_si512(r + 64 * z), w[z]);
+          }
           acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(group_of[z], scale),
                                    _mm512_cvtepi32_ps(sums), acc[i]);
         }
@@ -247,25 +263,33 @@ at::Tensor q6k_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tenso
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   const int64_t M = x.size(0), K = x.size(1), N = qw.size(0);
   check_packs(qw, sw, K);
-  const bool avx512 = avx512_kernels_on();
-  const common::PlainActivations in = quantize_plain(x, avx512);
+  const bool avx512 = avx512_kernels_on(), fine = two_part_activations();
+  const common::PlainActivations in = quantize_plain(x, avx512, fine);
   const at::Tensor qc = qw.contiguous(), sc = sw.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint8_t* sp = sc.data_ptr<uint8_t>();
   const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const int8_t* xrp = fine ? in.xr.data_ptr<int8_t>() : xqp;  // unread in one part
   const float* dxp = in.dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (avx512) {
     const uint8_t* xup = reinterpret_cast<const uint8_t*>(xqp);
+    const uint8_t* xrup = reinterpret_cast<const uint8_t*>(xrp);
     for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
-      dot_rows_q6k_avx512<decltype(mt)::value>(qp, sp, xup, dxp, yp, n0, n1, m, N, K);
+      constexpr int kMT = decltype(mt)::value;
+      (fine ? dot_rows_q6k_avx512<kMT, true> : dot_rows_q6k_avx512<kMT, false>)(
+          qp, sp, xup, xrup, dxp, yp, n0, n1, m, N, K);
     });
     return y;
   }
   const std::vector<int32_t> off = offsets(xqp, M, K);
+  const std::vector<int32_t> off_r = fine ? offsets(xrp, M, K) : std::vector<int32_t>{};
+  const int32_t* off_rp = fine ? off_r.data() : off.data();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
-    dot_rows_q6k<decltype(mt)::value>(qp, sp, xqp, dxp, off.data(), yp, n0, n1, m, N, K);
+    constexpr int kMT = decltype(mt)::value;
+    (fine ? dot_rows_q6k<kMT, true> : dot_rows_q6k<kMT, false>)(
+        qp, sp, xqp, xrp, dxp, off.data(), off_rp, yp, n0, n1, m, N, K);
   });
   return y;
 }

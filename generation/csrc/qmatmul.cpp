@@ -5,7 +5,10 @@
 // 2-core CPU that makes a decode step compute-bound at about half of llama.cpp's speed.
 // Here, as in llama.cpp's Q4 x Q8 dot products, the activations are quantized to int8 per
 // block of 32 and the products are summed in integers (maddubs + madd), so one 256-bit
-// instruction pair does 32 multiply-adds; floats appear once per 8 blocks of 32.
+// instruction pair does 32 multiply-adds; floats appear once per 8 blocks of 32. Unlike
+// llama.cpp, decode steps by default take the activations in two int8 parts, the second
+// rounding what the first leaves (kernel_common.h, kFineBits): twice the integer products
+// for activations 256 times finer, the weights' bytes read once either way.
 //
 // Weight layout, per output row n:
 //   qs [N, K/2] uint8: each 64 inputs are 32 bytes; byte j holds input 64c+j in its low
@@ -78,9 +81,11 @@ inline int64_t block_slot(int64_t b, int64_t nb, ActivationLayout layout) {
 
 // x [M, K] float -> xq [M, K] int8 (in `layout`), dx [M, K/32] (xq * dx ~ x), and with
 // `sums` the exact sums of each block of 32, xsum [M, K/32] (int8 weights have no minimum
-// term to feed). dx and xsum are in input order whatever the layout.
+// term to feed). dx and xsum are in input order whatever the layout. With `xr`, the
+// residual part goes there in the same layout and dx is d / 2^kFineBits (kFineBits).
 void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
-                          ActivationLayout layout, int8_t* xq, float* dx, float* xsum) {
+                          ActivationLayout layout, int8_t* xq, float* dx, float* xsum,
+                          int8_t* xr) {
   const int64_t nb = K / kBlock;
   const __m256i offset = _mm256_set1_epi8(layout == ActivationLayout::kInt8Avx512 ? -128 : 0);
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
@@ -99,12 +104,21 @@ void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
             hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
       }
       const float d = hmax(amax) / 127.0f;
-      dx[m * nb + b] = d;
-      __m256i q8 = quantize32(v, _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f));
+      const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+      __m256 t[4];
+      round32(v, _mm256_set1_ps(inv), t);
       // x + 128 as a byte: flipping the top bit maps -127..127 to 1..255
-      q8 = _mm256_xor_si256(q8, offset);
-      _mm256_storeu_si256(
-          reinterpret_cast<__m256i*>(xq + m * K + block_slot(b, nb, layout) * kBlock), q8);
+      const int64_t slot = m * K + block_slot(b, nb, layout) * kBlock;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + slot),
+                          _mm256_xor_si256(pack32(t), offset));
+      if (xr == nullptr) {
+        dx[m * nb + b] = d;
+        continue;
+      }
+      constexpr float kFine = 1 << kFineBits;
+      dx[m * nb + b] = d / kFine;  // exact: a power of two
+      const __m256i r = residual32(v, t, _mm256_set1_ps(d), _mm256_set1_ps(inv * kFine));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr + slot), _mm256_xor_si256(r, offset));
     }
   }
 }
@@ -154,6 +168,19 @@ inline void q4_pair_sums(__m256i lo, __m256i hi, const int8_t* x_ptr, __m256i* f
   *second = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb), ones);
 }
 
+// q4_pair_sums over one or two activation parts (xr: the residual part, with Fine).
+template <bool Fine>
+inline void q4_pair_parts(__m256i lo, __m256i hi, const int8_t* x_ptr, const int8_t* r_ptr,
+                          __m256i* first, __m256i* second) {
+  q4_pair_sums(lo, hi, x_ptr, first, second);
+  if constexpr (Fine) {
+    __m256i ra, rb;
+    q4_pair_sums(lo, hi, r_ptr, &ra, &rb);
+    *first = join_parts(*first, ra);
+    *second = join_parts(*second, rb);
+  }
+}
+
 // The scales and minima of 8 consecutive blocks from a row's [K/g, 2] fp16 pairs, for
 // groups of `per_group` blocks (1, 2, 4 or 8): s and m get lane i = block b0 + i's.
 inline void load_scales8(const uint16_t* smrow, int64_t b0, int per_group, __m256* s,
@@ -186,10 +213,11 @@ inline void load_scales8(const uint16_t* smrow, int64_t b0, int per_group, __m25
 // whatever the tile size. Blocks come 8 at a time (eight_sums) with their scales converted
 // together; a group size whose blocks do not come in those sizes (or K's last blocks short
 // of 8) takes them one pair at a time.
-template <int MT>
-void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const float* dx,
-              const float* xsum, float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N,
-              int64_t K, int64_t group) {
+// With Fine, xr holds the activations' residual part (kFineBits).
+template <int MT, bool Fine>
+void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const int8_t* xr,
+              const float* dx, const float* xsum, float* y, int64_t n0, int64_t n1, int64_t m0,
+              int64_t N, int64_t K, int64_t group) {
   const int64_t nb = K / kBlock, ng = K / group;
   const int per_group = static_cast<int>(group / kBlock);
   const bool vector_scales = per_group == 1 || per_group == 2 || per_group == 4 || per_group == 8;
@@ -220,7 +248,8 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
           for (int i = 0; i < MT; ++i) {
             __m256i sa, sb;
-            q4_pair_sums(lo, hi, xq + (m0 + i) * K + (b + 2 * j) * kBlock, &sa, &sb);
+            const int64_t at = (m0 + i) * K + (b + 2 * j) * kBlock;
+            q4_pair_parts<Fine>(lo, hi, xq + at, xr + at, &sa, &sb);
             pairs[i][j] = pair_sums(sa, sb);
           }
         }
@@ -240,7 +269,8 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const flo
       const float sb_w = half_to_float(smrow[2 * gb]), mb = half_to_float(smrow[2 * gb + 1]);
       for (int i = 0; i < MT; ++i) {
         __m256i sa, sb;
-        q4_pair_sums(lo, hi, xq + (m0 + i) * K + b * kBlock, &sa, &sb);
+        const int64_t at = (m0 + i) * K + b * kBlock;
+        q4_pair_parts<Fine>(lo, hi, xq + at, xr + at, &sa, &sb);
         const float* d = dx + (m0 + i) * nb + b;
         const float* xs = xsum + (m0 + i) * nb + b;
         acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sa_w * d[0]), _mm256_cvtepi32_ps(sa), acc[i]);
@@ -266,18 +296,23 @@ inline __m256i q8_block_sums(__m256i w, __m256i w_abs, const int8_t* x_ptr) {
                            _mm256_set1_epi16(1));
 }
 
-// One block's contribution: acc += scale * sum_j w_j x_j (a row's last blocks short of 8).
-inline __m256 q8_block(__m256i w, __m256i w_abs, const int8_t* x_ptr, __m256 scale, __m256 acc) {
-  return _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(q8_block_sums(w, w_abs, x_ptr)), acc);
+// q8_block_sums over one or two activation parts (r_ptr: the residual part, with Fine).
+template <bool Fine>
+inline __m256i q8_block_parts(__m256i w, __m256i w_abs, const int8_t* x_ptr, const int8_t* r_ptr) {
+  const __m256i sums = q8_block_sums(w, w_abs, x_ptr);
+  if constexpr (Fine) return join_parts(sums, q8_block_sums(w, w_abs, r_ptr));
+  return sums;
 }
 
 // int8 weights: rows [n0, n1) for activation rows [m0, m0 + MT). Blocks come 8 at a time
 // (eight_sums) with their scales converted together; every row keeps one accumulator and
 // adds its blocks in order, so each output is the same float whatever the tile size (a
 // request decodes the same tokens alone or in a batch).
-template <int MT>
-void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const float* dx,
-                 float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N, int64_t K) {
+// With Fine, xr holds the activations' residual part (kFineBits).
+template <int MT, bool Fine>
+void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const int8_t* xr,
+                 const float* dx, float* y, int64_t n0, int64_t n1, int64_t m0, int64_t N,
+                 int64_t K) {
   const int64_t nb = K / kBlock;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wrow = qw + n * K;
@@ -299,9 +334,10 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
         const __m256i wb = load_block(wrow + (b + 2 * j + 1) * kBlock);
         const __m256i wa_abs = _mm256_sign_epi8(wa, wa), wb_abs = _mm256_sign_epi8(wb, wb);
         for (int i = 0; i < MT; ++i) {
-          const int8_t* x_ptr = xq + (m0 + i) * K + (b + 2 * j) * kBlock;
-          pairs[i][j] = pair_sums(q8_block_sums(wa, wa_abs, x_ptr),
-                                  q8_block_sums(wb, wb_abs, x_ptr + kBlock));
+          const int64_t at = (m0 + i) * K + (b + 2 * j) * kBlock;
+          pairs[i][j] = pair_sums(q8_block_parts<Fine>(wa, wa_abs, xq + at, xr + at),
+                                  q8_block_parts<Fine>(wb, wb_abs, xq + at + kBlock,
+                                                       xr + at + kBlock));
         }
       }
       for (int i = 0; i < MT; ++i) {
@@ -313,8 +349,10 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const f
       const __m256i w_abs = _mm256_sign_epi8(w, w);
       const float d = half_to_float(drow[b]);
       for (int i = 0; i < MT; ++i) {
-        acc[i] = q8_block(w, w_abs, xq + (m0 + i) * K + b * kBlock,
-                          _mm256_set1_ps(d * dx[(m0 + i) * nb + b]), acc[i]);
+        const int64_t at = (m0 + i) * K + b * kBlock;
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[(m0 + i) * nb + b]),
+                                 _mm256_cvtepi32_ps(q8_block_parts<Fine>(w, w_abs, xq + at, xr + at)),
+                                 acc[i]);
       }
     }
     for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = hsum(acc[i]);
@@ -379,9 +417,11 @@ RAGQA_AVX512 inline __m512 two_scales(float a, float b) {
 // bytes are blocks b and b+2, the high ones b+1 and b+3, and the activations hold them in
 // that order (block_slot). Lanes 0-7 of scale_a[i] scale block b, lanes 8-15 block b+2;
 // scale_b[i] likewise b+1 and b+3.
-template <int MT>
+// With Fine, xr holds the activations' residual part: each sum becomes
+// (sum over xq) << kFineBits + sum over xr.
+template <int MT, bool Fine>
 RAGQA_AVX512 __attribute__((always_inline)) inline void int4_four_blocks(
-    const uint8_t* qrow, const int8_t* xq, int64_t m0, int64_t K, int64_t b,
+    const uint8_t* qrow, const int8_t* xq, const int8_t* xr, int64_t m0, int64_t K, int64_t b,
     const __m512* scale_a, const __m512* scale_b, __m512* acc_a, __m512* acc_b) {
   const __m512i low_mask = _mm512_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
@@ -389,19 +429,27 @@ RAGQA_AVX512 __attribute__((always_inline)) inline void int4_four_blocks(
   const __m512i lo = _mm512_and_si512(bytes, low_mask);
   const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_mask);
   for (int i = 0; i < MT; ++i) {
-    const int8_t* x = xq + (m0 + i) * K + b * kBlock;
-    const __m512i sa = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x));
-    const __m512i sb = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + 2 * kBlock));
+    const int64_t at = (m0 + i) * K + b * kBlock;
+    const int8_t* x = xq + at;
+    __m512i sa = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(x));
+    __m512i sb = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(x + 2 * kBlock));
+    if constexpr (Fine) {
+      const int8_t* r = xr + at;
+      sa = _mm512_dpbusd_epi32(_mm512_slli_epi32(sa, kFineBits), lo, _mm512_loadu_si512(r));
+      sb = _mm512_dpbusd_epi32(_mm512_slli_epi32(sb, kFineBits), hi,
+                               _mm512_loadu_si512(r + 2 * kBlock));
+    }
     acc_a[i] = _mm512_fmadd_ps(scale_a[i], _mm512_cvtepi32_ps(sa), acc_a[i]);
     acc_b[i] = _mm512_fmadd_ps(scale_b[i], _mm512_cvtepi32_ps(sb), acc_b[i]);
   }
 }
 
 // int4 weights as `dot_rows`, activations in the kInt4Avx512 layout.
-template <int MT>
+template <int MT, bool Fine>
 RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const int8_t* xq,
-                                  const float* dx, const float* xsum, float* y, int64_t n0,
-                                  int64_t n1, int64_t m0, int64_t N, int64_t K, int64_t group) {
+                                  const int8_t* xr, const float* dx, const float* xsum, float* y,
+                                  int64_t n0, int64_t n1, int64_t m0, int64_t N, int64_t K,
+                                  int64_t group) {
   const int64_t nb = K / kBlock, ng = K / group;
   const int per_group = static_cast<int>(group / kBlock);
   const bool vector_scales = per_group == 1 || per_group == 2 || per_group == 4 || per_group == 8;
@@ -438,7 +486,7 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
             scale_a[i] = _mm512_permutexvar_ps(index_a, scales[i]);
             scale_b[i] = _mm512_permutexvar_ps(index_b, scales[i]);
           }
-          int4_four_blocks<MT>(qrow, xq, m0, K, b + j, scale_a, scale_b, acc_a, acc_b);
+          int4_four_blocks<MT, Fine>(qrow, xq, xr, m0, K, b + j, scale_a, scale_b, acc_a, acc_b);
         }
       }
     }
@@ -456,7 +504,7 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
         min_rest[i] += min_of(b) * xs[0] + min_of(b + 1) * xs[1] + min_of(b + 2) * xs[2] +
                        min_of(b + 3) * xs[3];
       }
-      int4_four_blocks<MT>(qrow, xq, m0, K, b, scale_a, scale_b, acc_a, acc_b);
+      int4_four_blocks<MT, Fine>(qrow, xq, xr, m0, K, b, scale_a, scale_b, acc_a, acc_b);
     }
     if (b < nb) {  // nb is even: one pair left
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * 16));
@@ -464,14 +512,18 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
       const __m256i lo = _mm256_and_si256(bytes, low4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
       for (int i = 0; i < MT; ++i) {
-        const int8_t* x = xq + (m0 + i) * K + b * kBlock;
+        const int64_t at = (m0 + i) * K + b * kBlock;
         const float* d = dx + (m0 + i) * nb + b;
         const float* xs = xsum + (m0 + i) * nb + b;
-        const __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,
-                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-        const __m256i sb = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(), hi,
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kBlock)));
+        auto load = [](const int8_t* p) {
+          return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        };
+        __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load(xq + at));
+        __m256i sb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load(xq + at + kBlock));
+        if constexpr (Fine) {
+          sa = _mm256_dpbusd_epi32(_mm256_slli_epi32(sa, kFineBits), lo, load(xr + at));
+          sb = _mm256_dpbusd_epi32(_mm256_slli_epi32(sb, kFineBits), hi, load(xr + at + kBlock));
+        }
         acc_pair[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(b) * d[0]), _mm256_cvtepi32_ps(sa),
                                       acc_pair[i]);
         acc_pair[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(b + 1) * d[1]),
@@ -488,10 +540,12 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
 
 // int8 weights as `dot_rows_q8`, activations in the kInt8Avx512 layout (x + 128 as
 // unsigned bytes): sum (x + 128) w - 128 sum w = sum x w, exactly, in int32.
-template <int MT>
+// With Fine, xr holds the residual part (also x + 128): each part's sums start from
+// -128 sum w, and the first part's are shifted by kFineBits before the second's add on.
+template <int MT, bool Fine>
 RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const int8_t* xq,
-                                     const float* dx, float* y, int64_t n0, int64_t n1,
-                                     int64_t m0, int64_t N, int64_t K) {
+                                     const int8_t* xr, const float* dx, float* y, int64_t n0,
+                                     int64_t n1, int64_t m0, int64_t N, int64_t K) {
   const int64_t nb = K / kBlock;
   const __m512i offset = _mm512_set1_epi8(-128);  // 0x80: 128 as the unsigned operand
   const __m512i zero = _mm512_setzero_si512();
@@ -524,9 +578,17 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
         const __m512i base_b = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wb));
         const __m512i index_a = two_lanes(j, j + 1), index_b = two_lanes(j + 2, j + 3);
         for (int i = 0; i < MT; ++i) {
-          const int8_t* x = xq + (m0 + i) * K + (b + j) * kBlock;
-          const __m512i sa = _mm512_dpbusd_epi32(base_a, _mm512_loadu_si512(x), wa);
-          const __m512i sb = _mm512_dpbusd_epi32(base_b, _mm512_loadu_si512(x + 2 * kBlock), wb);
+          const int64_t at = (m0 + i) * K + (b + j) * kBlock;
+          const int8_t* x = xq + at;
+          __m512i sa = _mm512_dpbusd_epi32(base_a, _mm512_loadu_si512(x), wa);
+          __m512i sb = _mm512_dpbusd_epi32(base_b, _mm512_loadu_si512(x + 2 * kBlock), wb);
+          if constexpr (Fine) {
+            const int8_t* r = xr + at;
+            sa = _mm512_dpbusd_epi32(_mm512_add_epi32(_mm512_slli_epi32(sa, kFineBits), base_a),
+                                     _mm512_loadu_si512(r), wa);
+            sb = _mm512_dpbusd_epi32(_mm512_add_epi32(_mm512_slli_epi32(sb, kFineBits), base_b),
+                                     _mm512_loadu_si512(r + 2 * kBlock), wb);
+          }
           acc_a[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index_a, scales[i]),
                                      _mm512_cvtepi32_ps(sa), acc_a[i]);
           acc_b[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index_b, scales[i]),
@@ -541,7 +603,12 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
           _mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset8, w));
       const float d = half_to_float(drow[b]);
       for (int i = 0; i < MT; ++i) {
-        const __m256i s = _mm256_dpbusd_epi32(base, load_block(xq + (m0 + i) * K + b * kBlock), w);
+        const int64_t at = (m0 + i) * K + b * kBlock;
+        __m256i s = _mm256_dpbusd_epi32(base, load_block(xq + at), w);
+        if constexpr (Fine) {
+          s = _mm256_dpbusd_epi32(_mm256_add_epi32(_mm256_slli_epi32(s, kFineBits), base),
+                                  load_block(xr + at), w);
+        }
         acc_rest[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[(m0 + i) * nb + b]),
                                       _mm256_cvtepi32_ps(s), acc_rest[i]);
       }
@@ -556,25 +623,36 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
 // The activations of one call, quantized once and read by every output row.
 using QuantizedInput = BlockActivations;
 
-QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout layout) {
+QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout layout,
+                              bool two_parts) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   const at::Tensor xc = x.contiguous();
   const int64_t nb = K / kBlock;
-  QuantizedInput in{at::empty({M, K}, x.options().dtype(at::kChar)),
-                    at::empty({M, nb}, x.options()), at::empty({M, sums ? nb : 0}, x.options())};
+  const auto bytes = x.options().dtype(at::kChar);
+  QuantizedInput in{at::empty({M, K}, bytes), at::empty({M, nb}, x.options()),
+                    at::empty({M, sums ? nb : 0}, x.options()),
+                    at::empty({M, two_parts ? K : 0}, bytes)};
   const float* xp = xc.data_ptr<float>();
   int8_t* xqp = in.xq.data_ptr<int8_t>();
   float* dxp = in.dx.data_ptr<float>();
   float* xsp = in.xsum.data_ptr<float>();
+  int8_t* xrp = two_parts ? in.xr.data_ptr<int8_t>() : nullptr;
   // Rows in parallel for a prefill's hundreds; a decode step's few (at most 16) stay on
   // the calling thread.
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     quantize_activations(xp + m0 * K, m1 - m0, K, sums, layout, xqp + m0 * K, dxp + m0 * nb,
-                         sums ? xsp + m0 * nb : xsp);
+                         sums ? xsp + m0 * nb : xsp, two_parts ? xrp + m0 * K : nullptr);
   });
   return in;
+}
+
+// Whether decode kernels take two-part activations (kFineBits); tests and benchmarks may
+// ask for one part, the prefill GEMMs' rounding.
+std::atomic<bool>& two_parts_wanted() {
+  static std::atomic<bool> wanted{true};
+  return wanted;
 }
 
 }  // namespace
@@ -584,14 +662,22 @@ namespace ragqa {
 
 common::BlockActivations quantize_blocks(const at::Tensor& x, bool sums, bool unsigned_bytes) {
   return quantize_input(
-      x, sums, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain);
+      x, sums, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain, false);
 }
 
-common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes) {
+common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes,
+                                        bool two_parts) {
   QuantizedInput in = quantize_input(
-      x, false, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain);
-  return {in.xq, in.dx};
+      x, false, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain,
+      two_parts);
+  return {in.xq, in.dx, in.xr};
 }
+
+bool two_part_activations() { return two_parts_wanted().load(std::memory_order_relaxed); }
+
+// Chooses one-part (false) or two-part (true) activations for the decode kernels and
+// returns the previous choice: for tests and benchmarks comparing the two.
+bool set_two_part_activations(bool on) { return two_parts_wanted().exchange(on); }
 
 bool avx512_kernels_on() { return avx512_on(); }
 
@@ -603,21 +689,25 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   TORCH_CHECK(qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) * kBlock == K,
               "weight shapes do not match K = ", K, " (scales must be [N, K/32])");
-  const bool avx512 = avx512_on();
+  const bool avx512 = avx512_on(), fine = two_part_activations();
   const QuantizedInput in = quantize_input(
-      x, false, avx512 ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain);
+      x, false, avx512 ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain, fine);
   const at::Tensor wc = qw.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const int8_t* xrp = fine ? in.xr.data_ptr<int8_t>() : xqp;  // unread in one part
   const float* dxp = in.dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
+    constexpr int kMT = decltype(mt)::value;
     if (avx512) {
-      dot_rows_q8_avx512<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+      (fine ? dot_rows_q8_avx512<kMT, true> : dot_rows_q8_avx512<kMT, false>)(
+          wp, sp, xqp, xrp, dxp, yp, n0, n1, m, N, K);
     } else {
-      dot_rows_q8<decltype(mt)::value>(wp, sp, xqp, dxp, yp, n0, n1, m, N, K);
+      (fine ? dot_rows_q8<kMT, true> : dot_rows_q8<kMT, false>)(wp, sp, xqp, xrp, dxp, yp, n0,
+                                                                 n1, m, N, K);
     }
   });
   return y;
@@ -635,22 +725,26 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
               "multiple of 64, got ", K);
   TORCH_CHECK(qs.size(1) * 2 == K && sm.size(0) == N && sm.size(1) == K / group,
               "weight shapes do not match K = ", K);
-  const bool avx512 = avx512_on();
-  const QuantizedInput in =
-      quantize_input(x, true, avx512 ? ActivationLayout::kInt4Avx512 : ActivationLayout::kPlain);
+  const bool avx512 = avx512_on(), fine = two_part_activations();
+  const QuantizedInput in = quantize_input(
+      x, true, avx512 ? ActivationLayout::kInt4Avx512 : ActivationLayout::kPlain, fine);
   const at::Tensor qc = qs.contiguous(), sc = sm.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const int8_t* xqp = in.xq.data_ptr<int8_t>();
+  const int8_t* xrp = fine ? in.xr.data_ptr<int8_t>() : xqp;  // unread in one part
   const float* dxp = in.dx.data_ptr<float>();
   const float* xsp = in.xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, [&](auto mt, int64_t n0, int64_t n1, int64_t m) {
+    constexpr int kMT = decltype(mt)::value;
     if (avx512) {
-      dot_rows_avx512<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
+      (fine ? dot_rows_avx512<kMT, true> : dot_rows_avx512<kMT, false>)(
+          qp, sp, xqp, xrp, dxp, xsp, yp, n0, n1, m, N, K, group);
     } else {
-      dot_rows<decltype(mt)::value>(qp, sp, xqp, dxp, xsp, yp, n0, n1, m, N, K, group);
+      (fine ? dot_rows<kMT, true> : dot_rows<kMT, false>)(qp, sp, xqp, xrp, dxp, xsp, yp, n0, n1,
+                                                         m, N, K, group);
     }
   });
   return y;
@@ -764,6 +858,8 @@ TORCH_LIBRARY(ragqa_qmatmul, m) {
   m.def("avx512_vnni_supported() -> bool", &ragqa::avx512_vnni_supported);
   m.def("kernel_isa() -> str", &ragqa::kernel_isa);
   m.def("set_kernel_isa(str isa) -> str", &ragqa::set_kernel_isa);
+  m.def("two_part_activations() -> bool", &ragqa::two_part_activations);
+  m.def("set_two_part_activations(bool on) -> bool", &ragqa::set_two_part_activations);
 }
 
 TORCH_LIBRARY_IMPL(ragqa_qmatmul, CPU, m) {
