@@ -167,29 +167,17 @@ def hf_forward_once(
     return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids
 
 
-def avx2_once(
-    engine: Engine, ids: list[int], params: GenerationParams
+def generate_switched(
+    engine: Engine, ids: list[int], params: GenerationParams, switch: Any, value: Any
 ) -> tuple[float, list[int], float]:
-    """(decode tok/s, tokens, ttft_s) of the engine with its kernels on AVX2 for one
-    generation (the decode kernels and the integer prefill GEMM alike)."""
-    previous = qmatmul.set_kernel_isa("avx2")
+    """(decode tok/s, tokens, ttft_s) of one generation with a kernel choice switched to
+    `value` for its duration: `switch` is a `qmatmul` setter that returns the previous
+    choice (`set_kernel_isa`, `set_two_part_activations`)."""
+    previous = switch(value)
     try:
         r = engine.generate(ids, params)
     finally:
-        qmatmul.set_kernel_isa(previous)
-    return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids, r.ttft_s
-
-
-def one_part_once(
-    engine: Engine, ids: list[int], params: GenerationParams
-) -> tuple[float, list[int], float]:
-    """(decode tok/s, tokens, ttft_s) of one generation with the decode kernels'
-    activations in one int8 part (the prefill GEMMs take one part either way)."""
-    previous = qmatmul.set_two_part_activations(False)
-    try:
-        r = engine.generate(ids, params)
-    finally:
-        qmatmul.set_two_part_activations(previous)
+        switch(previous)
     return (len(r.token_ids) - 1) / (r.total_s - r.ttft_s), r.token_ids, r.ttft_s
 
 
@@ -198,7 +186,7 @@ def variant_comparison(
     ours: list[tuple[float, float, list[int]]],
     runs: list[tuple[float, list[int], float]],
 ) -> dict[str, Any]:
-    """The engine's rounds against the same rounds of a variant (`avx2_once`, ...)."""
+    """The engine's rounds against the same rounds of a variant (`generate_switched`)."""
     return {
         f"{name}_decode_tok_s": round(statistics.median(x[0] for x in runs), 2),
         f"{name}_decode_tok_s_per_round": [round(x[0], 2) for x in runs],
@@ -346,10 +334,20 @@ def main() -> None:
             llama_runs.append(on_model(lambda: llama_cpp_once(llm, ids, n)))
         if args.compare_hf_forward and engine.lean is not None:
             hf_forward.append(on_model(lambda: hf_forward_once(engine, ids, greedy)))
-        if compare_avx2:
-            avx2.append(on_model(lambda: avx2_once(engine, ids, greedy)))
-        if compare_one_part:
-            one_part.append(on_model(lambda: one_part_once(engine, ids, greedy)))
+        if compare_avx2:  # the decode kernels and the integer prefill GEMM alike
+            avx2.append(
+                on_model(
+                    lambda: generate_switched(engine, ids, greedy, qmatmul.set_kernel_isa, "avx2")
+                )
+            )
+        if compare_one_part:  # the prefill GEMMs take one part either way
+            one_part.append(
+                on_model(
+                    lambda: generate_switched(
+                        engine, ids, greedy, qmatmul.set_two_part_activations, False
+                    )
+                )
+            )
     engine_ttft = statistics.median(x[0] for x in ours)
     engine_tps = statistics.median(x[1] for x in ours)
     gen_ttft = statistics.median(x[0] for x in theirs)

@@ -515,14 +515,12 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
         const int64_t at = (m0 + i) * K + b * kBlock;
         const float* d = dx + (m0 + i) * nb + b;
         const float* xs = xsum + (m0 + i) * nb + b;
-        auto load = [](const int8_t* p) {
-          return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        };
-        __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load(xq + at));
-        __m256i sb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load(xq + at + kBlock));
+        __m256i sa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, load_block(xq + at));
+        __m256i sb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, load_block(xq + at + kBlock));
         if constexpr (Fine) {
-          sa = _mm256_dpbusd_epi32(_mm256_slli_epi32(sa, kFineBits), lo, load(xr + at));
-          sb = _mm256_dpbusd_epi32(_mm256_slli_epi32(sb, kFineBits), hi, load(xr + at + kBlock));
+          sa = _mm256_dpbusd_epi32(_mm256_slli_epi32(sa, kFineBits), lo, load_block(xr + at));
+          sb = _mm256_dpbusd_epi32(_mm256_slli_epi32(sb, kFineBits), hi,
+                                   load_block(xr + at + kBlock));
         }
         acc_pair[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale_of(b) * d[0]), _mm256_cvtepi32_ps(sa),
                                       acc_pair[i]);
