@@ -1,6 +1,7 @@
 """ragqa's CPU kernels: building, weight layout, calls.
 
-csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps,
+csrc/qmatmul.cpp holds the int4/int8 x int8 matmuls of quantized decode steps (their
+kernels in csrc/decode_avx2.h and csrc/decode_avx512.h),
 csrc/panel_gemm.cpp and csrc/q4k_gemm.cpp those of long prefills,
 csrc/decode_attention.cpp the float32 attention of a decode step's one new token and
 csrc/decode_layer.cpp a quantized decoder layer's decode step built from both. The C++
@@ -39,7 +40,10 @@ SOURCES = [
         "decode_layer.cpp",
     )
 ]
-HEADERS = [CSRC / "kernel_common.h", CSRC / "panel_common.h"]
+HEADERS = [
+    CSRC / name
+    for name in ("kernel_common.h", "panel_common.h", "decode_avx2.h", "decode_avx512.h")
+]
 BLOCK = 32  # activations are quantized per block of 32 inputs (the kernels' constant)
 
 _lock = threading.Lock()
