@@ -124,11 +124,7 @@ void dot_rows(const uint8_t* qs, const uint16_t* sm, const int8_t* xq, const int
     int64_t b = 0;
     if (vector_scales) {
       for (; b + 8 <= nb; b += 8) {
-        for (int c = 0; c < 2; ++c) {  // the 8 blocks' 128 bytes, kPrefetchBytes ahead
-          _mm_prefetch(
-              reinterpret_cast<const char*>(qrow + b * (kBlock / 2) + kPrefetchBytes + 64 * c),
-              _MM_HINT_T0);
-        }
+        prefetch_ahead<2>(qrow + b * (kBlock / 2));  // the 8 blocks' 128 bytes
         __m256 s8, m8;
         load_scales8(smrow, b, per_group, &s8, &m8);
         __m256i pairs[MT][4];
@@ -208,11 +204,7 @@ void dot_rows_q8(const int8_t* qw, const uint16_t* dw, const int8_t* xq, const i
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
-      // Rows are contiguous, so near a row's end this fetches the start of the next.
-      for (int c = 0; c < 4; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(wrow + b * kBlock + kPrefetchBytes + 64 * c),
-                     _MM_HINT_T0);
-      }
+      prefetch_ahead<4>(wrow + b * kBlock);  // the 8 blocks' 256 bytes
       const __m256 d8 =
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(drow + b)));
       __m256i pairs[MT][4];

@@ -123,11 +123,7 @@ RAGQA_AVX512 void dot_rows_avx512(const uint8_t* qs, const uint16_t* sm, const i
     int64_t b = 0;
     if (vector_scales) {
       for (; b + 16 <= nb; b += 16) {
-        for (int c = 0; c < 4; ++c) {  // the 16 blocks' 256 bytes, kPrefetchBytes ahead
-          _mm_prefetch(
-              reinterpret_cast<const char*>(qrow + b * (kBlock / 2) + kPrefetchBytes + 64 * c),
-              _MM_HINT_T0);
-        }
+        prefetch_ahead<4>(qrow + b * (kBlock / 2));  // the 16 blocks' 256 bytes
         __m512 s16, m16, scales[MT];
         load_scales16(smrow, b, per_group, &s16, &m16);
         for (int i = 0; i < MT; ++i) {
@@ -214,10 +210,7 @@ RAGQA_AVX512 void dot_rows_q8_avx512(const int8_t* qw, const uint16_t* dw, const
     }
     int64_t b = 0;
     for (; b + 16 <= nb; b += 16) {
-      for (int c = 0; c < 8; ++c) {  // Rows are contiguous: near a row's end, the next row.
-        _mm_prefetch(reinterpret_cast<const char*>(wrow + b * kBlock + kPrefetchBytes + 64 * c),
-                     _MM_HINT_T0);
-      }
+      prefetch_ahead<8>(wrow + b * kBlock);  // the 16 blocks' 512 bytes
       const __m512 d16 =
           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(drow + b)));
       __m512 scales[MT];

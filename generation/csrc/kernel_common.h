@@ -104,6 +104,14 @@ inline __m256i join_parts(__m256i coarse, __m256i fine) {
 // plain read on a Zen 4 EPYC, within one run's noise of each other ("decode_step_int4").
 constexpr int64_t kPrefetchBytes = 1024;
 
+// Requests kLines cache lines (64 bytes each) starting kPrefetchBytes past `at`. Weight rows
+// are contiguous, so near a row's end this fetches the start of the next row.
+template <int kLines>
+inline void prefetch_ahead(const void* at) {
+  const char* ahead = static_cast<const char*>(at) + kPrefetchBytes;
+  for (int c = 0; c < kLines; ++c) _mm_prefetch(ahead + 64 * c, _MM_HINT_T0);
+}
+
 // Splits output rows across intra-op threads and activation rows into tiles of up to 4.
 template <typename RowsFn>
 void for_tiles(int64_t M, int64_t N, const RowsFn& rows) {

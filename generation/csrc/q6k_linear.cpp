@@ -64,13 +64,6 @@ std::vector<int32_t> offsets(const int8_t* xq, int64_t M, int64_t K) {
   return out;
 }
 
-// Requests a superblock's 192 value bytes kPrefetchBytes ahead of `q`, its start.
-inline void prefetch_superblock(const uint8_t* q) {
-  for (int c = 0; c < 3; ++c) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * c), _MM_HINT_T0);
-  }
-}
-
 // A superblock's float16 d, after its 16 scales (`sc`: the superblock's 18 scale bytes).
 inline float superblock_d(const uint8_t* sc) {
   uint16_t d_bits;
@@ -110,7 +103,7 @@ void dot_rows_q6k(const uint8_t* qw, const uint8_t* sw, const int8_t* xq, const 
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* q = qrow + s * kValueBytes;
-      prefetch_superblock(q);
+      prefetch_ahead<3>(q);  // the superblock's 192 value bytes
       const uint8_t* sc = srow + s * kScaleBytes;
       // c * d per 16 inputs, in kSubOrder: half 0's 8, then half 1's
       const __m128i c = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)),
@@ -195,7 +188,7 @@ RAGQA_AVX512 void dot_rows_q6k_avx512(const uint8_t* qw, const uint8_t* sw, cons
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* q = qrow + s * kValueBytes;
-      prefetch_superblock(q);
+      prefetch_ahead<3>(q);  // the superblock's 192 value bytes
       const uint8_t* sc = srow + s * kScaleBytes;
       // c * d of the 16 groups, in order
       const __m512 cd = _mm512_mul_ps(
