@@ -178,11 +178,20 @@ def int4_linear(
     return torch.ops.ragqa_qmatmul.q4_linear(x.float(), qs, sm, group_size)
 
 
+def _gemm_input(x: torch.Tensor) -> torch.Tensor:
+    """The integer GEMMs read float32 or bfloat16 activations and write their output in the
+    same dtype (a bfloat16 one is the float32 one rounded, bit for bit), which spares a
+    bfloat16 model's prefill the passes that widened each input and narrowed each output.
+    Other dtypes are widened to float32."""
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+
+
 def int4_gemm(x: torch.Tensor, qs: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
     """What `int4_linear` computes, for a long prefill: x [M, K] (any float dtype) -> [M, N]
-    float32, on an integer GEMM that lays the packs out in panels as it goes (AVX-512 VNNI
-    or AVX2, as `kernel_isa` says; the two give the same floats bit for bit)."""
-    return torch.ops.ragqa_qmatmul.q4_gemm(x.float(), qs, sm, group_size)
+    bfloat16 for bfloat16 x, else float32 (`_gemm_input`), on an integer GEMM that lays the
+    packs out in panels as it goes (AVX-512 VNNI or AVX2, as `kernel_isa` says; the two give
+    the same floats bit for bit)."""
+    return torch.ops.ragqa_qmatmul.q4_gemm(_gemm_input(x), qs, sm, group_size)
 
 
 def q4k_gemm(
@@ -197,8 +206,9 @@ def q4k_gemm(
 
 def int8_gemm(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """What `int8_linear` computes, for a long prefill, where every weight value lies in
-    -16..15 (`narrow_int8`): x [M, K] (any float dtype) -> [M, N] float32."""
-    return torch.ops.ragqa_qmatmul.q8_gemm(x.float(), qw, scales)
+    -16..15 (`narrow_int8`): x [M, K] (any float dtype) -> [M, N] bfloat16 for bfloat16 x,
+    else float32 (`_gemm_input`)."""
+    return torch.ops.ragqa_qmatmul.q8_gemm(_gemm_input(x), qw, scales)
 
 
 def int6_gemm(
@@ -206,9 +216,9 @@ def int6_gemm(
 ) -> torch.Tensor:
     """x [M, K] (any float dtype) times the weights of a GGUF's Q6_K blocks, w = q * scale
     * d: q [N, K] int8 in -32..31, scales [N, K/16] int8, d [N, K/256] float16 (K a
-    multiple of 256; `gguf_packs.unpack_q6_k`) -> [M, N] float32, on the integer GEMM.
-    Values outside -32..31 raise RuntimeError."""
-    return torch.ops.ragqa_qmatmul.q6_gemm(x.float(), q, scales, d)
+    multiple of 256; `gguf_packs.unpack_q6_k`) -> [M, N] bfloat16 for bfloat16 x, else
+    float32 (`_gemm_input`), on the integer GEMM. Values outside -32..31 raise RuntimeError."""
+    return torch.ops.ragqa_qmatmul.q6_gemm(_gemm_input(x), q, scales, d)
 
 
 def int6_linear(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:

@@ -475,6 +475,27 @@ def test_int6_gemm_rejects_inputs_that_are_not_whole_blocks_of_256():
         qmatmul.int6_gemm(torch.randn(20, 128), q[:, :128], scales[:, :8], d)
 
 
+# N: whole tiles, a last AVX-512 tile of 16 + 5 columns and an AVX2 panel of 5; M with
+# rows left after the last whole tile.
+@pytest.mark.parametrize(("n", "m"), [(96, 6), (53, 7), (21, 5)])
+def test_prefill_gemms_write_bfloat16_outputs_bit_for_bit_as_the_float32_ones_rounded(n, m, isa):
+    k = 512
+    _, _, qs, sm = _weights(n=n, k=k, g=64)
+    q5, d5 = _q5_weights(n, k)
+    q6, scales6, d6 = _q6_weights(n, k)
+    x = torch.randn(m, k).bfloat16()
+    x[0, :4] = torch.tensor([3e38, -3e38, 1e-40, 0.0])  # large, subnormal and zero inputs
+    for gemm in (
+        lambda a: qmatmul.int4_gemm(a, qs, sm, 64),
+        lambda a: qmatmul.int8_gemm(a, q5, d5),
+        lambda a: qmatmul.int6_gemm(a, q6, scales6, d6),
+    ):
+        y, wide = gemm(x), gemm(x.float())
+        assert y.dtype == torch.bfloat16 and wide.dtype == torch.float32
+        # Equal bits, NaN and infinities included (3e38 times a weight overflows).
+        assert torch.equal(y.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+
+
 def test_prefill_gemms_give_the_same_floats_whatever_the_threads_and_row_tiles():
     # Threads claim column groups as they go (which thread takes which varies from call to
     # call); 1000 columns are 63 groups of 16 (AVX-512: 32 of 32), the last one short.

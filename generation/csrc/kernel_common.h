@@ -137,8 +137,10 @@ struct PlainActivations {
 };
 
 // The same with each block's exact float sum, xsum [M, K/32] (empty without `sums`).
+// `bf16`: the input was bfloat16, so the GEMM reading these writes its output in bfloat16.
 struct BlockActivations {
   at::Tensor xq, dx, xsum, xr;
+  bool bf16 = false;
 };
 
 }  // namespace ragqa::common
@@ -149,7 +151,8 @@ namespace ragqa {
 common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes,
                                         bool two_parts);
 // The same in one part, in input order, and with `sums` each block's exact float sum
-// (qmatmul.cpp): the prefill GEMMs' form.
+// (qmatmul.cpp): the prefill GEMMs' form. x may be bfloat16 here (a bfloat16 model's
+// prefill): widening it is exact, so the activations are those of x.float().
 common::BlockActivations quantize_blocks(const at::Tensor& x, bool sums, bool unsigned_bytes);
 // Whether decode kernels take their activations in two parts (see kFineBits): the default,
 // unless a caller (a test or a benchmark) asked for one.

@@ -183,7 +183,7 @@ bool layout_panel_q6(const int8_t* qw, const int8_t* sc, const uint16_t* d, int6
 // for int5 ones (see above).
 template <int R, int P, int Q>
 void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t* xq,
-               const float* dx, const float* xsum, float* y, int64_t m0, int64_t n0, int64_t N,
+               const float* dx, const float* xsum, const GemmOut& y, int64_t m0, int64_t n0, int64_t N,
                int64_t K) {
   const int64_t nb = K / kBlock, panel_bytes = K * kPanel, panel_scales = nb * kPanel;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -231,7 +231,7 @@ void gemm_tile(const uint8_t* wp, const float* s, const float* mn, const int8_t*
 // K / 16 * 8 and K / 32 * 8 int32) into y columns [n0, n0 + 8P), those < N.
 template <int R, int P>
 void gemm_tile_q6(const uint8_t* wp, const float* s, const int32_t* sub, const int32_t* base,
-                  const uint8_t* xq, const float* dx, float* y, int64_t m0, int64_t n0,
+                  const uint8_t* xq, const float* dx, const GemmOut& y, int64_t m0, int64_t n0,
                   int64_t N, int64_t K) {
   const int64_t nb = K / kBlock, panel_bytes = K * kPanel, panel_blocks = nb * kPanel,
                 panel_subs = K / 16 * kPanel;
@@ -285,18 +285,39 @@ void gemm_tile_q6(const uint8_t* wp, const float* s, const int32_t* sub, const i
   store_tile<R, P>(acc, y, m0, n0, N);
 }
 
+// 16 floats -> their bfloat16 bits, rounded as bf16x8 rounds (panel_common.h).
+RAGQA_AVX512 inline __m256i bf16x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0)));
+}
+
 // R x P float accumulators -> y columns [n0, n0 + 16P), those < N, of rows [m0, m0 + R).
 template <int R, int P>
-RAGQA_AVX512 void store_tile_wide(const __m512 acc[R][P], float* y, int64_t m0, int64_t n0,
-                                  int64_t N) {
+RAGQA_AVX512 void store_tile_wide(const __m512 acc[R][P], const GemmOut& y, int64_t m0,
+                                  int64_t n0, int64_t N) {
   for (int r = 0; r < R; ++r) {
     for (int p = 0; p < P; ++p) {
       const int64_t n = n0 + p * 2 * kPanel;
-      float* out = y + (m0 + r) * N + n;
+      // Only read where 0 < N - n < 16.
+      const auto tail = static_cast<__mmask16>((1u << ((N - n) & 15)) - 1);
+      if (y.bf16) {
+        uint16_t* out = static_cast<uint16_t*>(y.base) + (m0 + r) * N + n;
+        if (n + 2 * kPanel <= N) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bf16x16(acc[r][p]));
+        } else if (n < N) {
+          _mm256_mask_storeu_epi16(out, tail, bf16x16(acc[r][p]));
+        }
+        continue;
+      }
+      float* out = static_cast<float*>(y.base) + (m0 + r) * N + n;
       if (n + 2 * kPanel <= N) {
         _mm512_storeu_ps(out, acc[r][p]);
       } else if (n < N) {
-        _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << (N - n)) - 1), acc[r][p]);
+        _mm512_mask_storeu_ps(out, tail, acc[r][p]);
       }
     }
   }
@@ -313,7 +334,7 @@ RAGQA_AVX512 inline __m512 wide_floats(const float* v, int64_t b) {
 // columns [n0, n0 + 16P), those < N. The weights (0..31) are vpdpbusd's unsigned operand.
 template <int R, int P>
 RAGQA_AVX512 void gemm_tile_wide(const uint8_t* wp, const float* s, const float* mn,
-                                 const int8_t* xq, const float* dx, const float* xsum, float* y,
+                                 const int8_t* xq, const float* dx, const float* xsum, const GemmOut& y,
                                  int64_t m0, int64_t n0, int64_t N, int64_t K) {
   const int64_t nb = K / kBlock, panel_bytes = K * 2 * kPanel, panel_scales = nb * 2 * kPanel;
   __m512 acc[R][P];
@@ -353,7 +374,7 @@ RAGQA_AVX512 void gemm_tile_wide(const uint8_t* wp, const float* s, const float*
 template <int R, int P>
 RAGQA_AVX512 void gemm_tile_q6_wide(const uint8_t* wp, const float* s, const int32_t* sub,
                                     const int32_t* base, const uint8_t* xq, const float* dx,
-                                    float* y, int64_t m0, int64_t n0, int64_t N, int64_t K) {
+                                    const GemmOut& y, int64_t m0, int64_t n0, int64_t N, int64_t K) {
   const int64_t nb = K / kBlock, panel_bytes = K * 2 * kPanel, panel_blocks = nb * 2 * kPanel,
                 panel_subs = K / 16 * 2 * kPanel;
   __m512 acc[R][P];
@@ -444,12 +465,12 @@ at::Tensor minimum_form_gemm(const QuantizedInput& in, int64_t N, int64_t K,
   const float* xsum = in.xsum.data_ptr<float>();
   return isa_gemm<Q == 8 ? kInt4Rows : kGemmRows>(
       in, N, PanelKind::kMinimum, layout,
-      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, const GemmOut& y) {
         const PanelDest d = pn.dest(0);
         gemm_tile<decltype(rows)::value, kGemmPanels, Q>(d.wp, d.s, d.mn, xq, dx, xsum, y, m,
                                                          n0, N, K);
       },
-      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, const GemmOut& y) {
         const PanelDest d = pn.dest(0);
         gemm_tile_wide<decltype(rows)::value, kWidePanels>(d.wp, d.s, d.mn, xq, dx, xsum, y, m,
                                                            n0, N, K);
@@ -461,14 +482,15 @@ at::Tensor minimum_form_gemm(const QuantizedInput& in, int64_t N, int64_t K,
 
 namespace ragqa {
 
-// x [M, K] float32, qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> [M, N] float32: the
-// product q4_linear computes, for many activation rows (the panel GEMM above, on the ISA
-// kernel_isa names). Its outputs differ from q4_linear's by float rounding only.
+// x [M, K] float32 or bfloat16, qs [N, K/2] uint8, sm [N, K/g, 2] float16 -> [M, N] in x's
+// dtype: the product q4_linear computes, for many activation rows (the panel GEMM above, on
+// the ISA kernel_isa names). Its outputs differ from q4_linear's by float rounding only; a
+// bfloat16 output is the float32 one rounded (GemmOut).
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& sm,
                    int64_t group) {
   TORCH_CHECK(qs.scalar_type() == at::kByte && sm.scalar_type() == at::kHalf,
               "qs must be uint8 and sm float16");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32 or bfloat16");
   const int64_t K = x.size(1), N = qs.size(0);
   TORCH_CHECK(group % kBlock == 0 && group > 0 && K % group == 0 && K % (2 * kBlock) == 0,
               "group must be a multiple of 32 dividing K (a multiple of 64), got group ", group,
@@ -489,13 +511,13 @@ at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
       "");
 }
 
-// x [M, K] float32, qw [N, K] int8 with every value in -16..15, scales [N, K/32] float16
-// -> [M, N] float32: the product q8_linear computes, for many activation rows. Weights
-// outside -16..15 are refused (RuntimeError), not wrapped.
+// x [M, K] float32 or bfloat16, qw [N, K] int8 with every value in -16..15, scales [N, K/32]
+// float16 -> [M, N] in x's dtype: the product q8_linear computes, for many activation rows.
+// Weights outside -16..15 are refused (RuntimeError), not wrapped.
 at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scales) {
   TORCH_CHECK(qw.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
               "qw must be int8 and scales float16");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32 or bfloat16");
   const int64_t K = x.size(1), N = qw.size(0);
   TORCH_CHECK(qw.dim() == 2 && qw.size(1) == K && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) * kBlock == K,
@@ -513,8 +535,8 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& 
       "outside that range");
 }
 
-// x [M, K] float32, q [N, K] int8 with every value in -32..31, scales [N, K/16] int8, d
-// [N, K/256] float16 -> [M, N] float32: x times the weights w = q * scale * d of a GGUF's
+// x [M, K] float32 or bfloat16, q [N, K] int8 with every value in -32..31, scales [N, K/16]
+// int8, d [N, K/256] float16 -> [M, N] in x's dtype: x times the weights w = q * scale * d of a GGUF's
 // Q6_K blocks (K a multiple of 256), on the panel GEMM (the ISA kernel_isa names). Activations are int8 per
 // block of 32 as in the other kernels. Weights outside -32..31 are refused (RuntimeError).
 at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
@@ -522,7 +544,7 @@ at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kChar &&
                   d.scalar_type() == at::kHalf,
               "q and scales must be int8 and d float16");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K] float32 or bfloat16");
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(K % 256 == 0, "6-bit weights come in blocks of 256 inputs: K must be a multiple "
               "of 256, got ", K);
@@ -543,12 +565,12 @@ at::Tensor q6_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
       [&](int64_t n0, const PanelDest& out) {
         return layout_panel_q6(qp, scp, dp, n0, N, K, out);
       },
-      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, const GemmOut& y) {
         const PanelDest d = pn.dest(0);
         gemm_tile_q6<decltype(rows)::value, kGemmPanels>(d.wp, d.s, d.sub, d.base, xq, dx, y,
                                                          m, n0, N, K);
       },
-      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, const GemmOut& y) {
         const PanelDest d = pn.dest(0);
         gemm_tile_q6_wide<decltype(rows)::value, kWidePanels>(d.wp, d.s, d.sub, d.base, xq, dx,
                                                               y, m, n0, N, K);

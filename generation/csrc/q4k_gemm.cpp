@@ -107,7 +107,7 @@ void layout_panel_q4k(const uint8_t* qs, const uint8_t* codes, const uint16_t* d
 // them out) into y columns [n0, n0 + 8P), those < N.
 template <int R, int P>
 void gemm_tile_q4k(const uint8_t* wp, const float* s, const float* mn, const int32_t* sub,
-                   const int8_t* xq, const float* dx, const float* xsum, float* y, int64_t m0,
+                   const int8_t* xq, const float* dx, const float* xsum, const GemmOut& y, int64_t m0,
                    int64_t n0, int64_t N, int64_t K) {
   const int64_t nb = K / kBlock, ns = K / kSuper, panel_bytes = K * kPanel,
                 panel_blocks = nb * kPanel, panel_subs = K / 16 * kPanel;
@@ -201,7 +201,7 @@ at::Tensor q4k_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor&
         layout_panel_q4k(qp, cp, dp, n0, N, K, out);
         return true;
       },
-      [&](auto rows, Panels& pn, int64_t m, int64_t n0, float* y) {
+      [&](auto rows, Panels& pn, int64_t m, int64_t n0, const GemmOut& y) {
         const PanelDest d = pn.dest(0);
         gemm_tile_q4k<decltype(rows)::value, kGemmPanels>(d.wp, d.s, d.mn, d.sub, xq, dx, xsum,
                                                           y, m, n0, N, K);

@@ -88,20 +88,28 @@ inline int64_t block_slot(int64_t b, int64_t nb, ActivationLayout layout) {
 // `sums` the exact sums of each block of 32, xsum [M, K/32] (int8 weights have no minimum
 // term to feed). dx and xsum are in input order whatever the layout. With `xr`, the
 // residual part goes there in the same layout and dx is d / 2^kFineBits (kFineBits).
-void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
+// 8 inputs as floats: float32, or bfloat16 (the top half of a float32's bits: exact).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <typename In>  // float (float32) or uint16_t (bfloat16 bits)
+void quantize_activations(const In* x, int64_t M, int64_t K, bool sums,
                           ActivationLayout layout, int8_t* xq, float* dx, float* xsum,
                           int8_t* xr) {
   const int64_t nb = K / kBlock;
   const __m256i offset = _mm256_set1_epi8(layout == ActivationLayout::kInt8Avx512 ? -128 : 0);
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * K;
+    const In* row = x + m * K;
     for (int64_t b = 0; b < nb; ++b) {
-      const float* p = row + b * kBlock;
+      const In* p = row + b * kBlock;
       __m256 v[4];
       __m256 amax = _mm256_setzero_ps();
       for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(p + 8 * i);
+        v[i] = load8(p + 8 * i);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[i]));
       }
       if (sums) {
@@ -131,18 +139,20 @@ void quantize_activations(const float* x, int64_t M, int64_t K, bool sums,
 // The activations of one call, quantized once and read by every output row.
 using QuantizedInput = BlockActivations;
 
+// x [M, K] float32, or bfloat16 where `bf16_ok` (the GEMMs, which then write bfloat16).
 QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout layout,
-                              bool two_parts) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
+                              bool two_parts, bool bf16_ok = false) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || (bf16_ok && bf16)),
+              bf16_ok ? "x must be [M, K] float32 or bfloat16" : "x must be [M, K] float32");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   const at::Tensor xc = x.contiguous();
   const int64_t nb = K / kBlock;
-  const auto bytes = x.options().dtype(at::kChar);
-  QuantizedInput in{at::empty({M, K}, bytes), at::empty({M, nb}, x.options()),
-                    at::empty({M, sums ? nb : 0}, x.options()),
-                    at::empty({M, two_parts ? K : 0}, bytes)};
-  const float* xp = xc.data_ptr<float>();
+  const auto bytes = x.options().dtype(at::kChar), floats = x.options().dtype(at::kFloat);
+  QuantizedInput in{at::empty({M, K}, bytes), at::empty({M, nb}, floats),
+                    at::empty({M, sums ? nb : 0}, floats), at::empty({M, two_parts ? K : 0}, bytes),
+                    bf16};
   int8_t* xqp = in.xq.data_ptr<int8_t>();
   float* dxp = in.dx.data_ptr<float>();
   float* xsp = in.xsum.data_ptr<float>();
@@ -150,8 +160,16 @@ QuantizedInput quantize_input(const at::Tensor& x, bool sums, ActivationLayout l
   // Rows in parallel for a prefill's hundreds; a decode step's few (at most 16) stay on
   // the calling thread.
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    quantize_activations(xp + m0 * K, m1 - m0, K, sums, layout, xqp + m0 * K, dxp + m0 * nb,
-                         sums ? xsp + m0 * nb : xsp, two_parts ? xrp + m0 * K : nullptr);
+    float* xs = sums ? xsp + m0 * nb : xsp;
+    int8_t* xr = two_parts ? xrp + m0 * K : nullptr;
+    if (bf16) {
+      const auto* xh = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+      quantize_activations(xh + m0 * K, m1 - m0, K, sums, layout, xqp + m0 * K, dxp + m0 * nb,
+                           xs, xr);
+    } else {
+      quantize_activations(xc.data_ptr<float>() + m0 * K, m1 - m0, K, sums, layout,
+                           xqp + m0 * K, dxp + m0 * nb, xs, xr);
+    }
   });
   return in;
 }
@@ -169,8 +187,9 @@ std::atomic<bool>& two_parts_wanted() {
 namespace ragqa {
 
 common::BlockActivations quantize_blocks(const at::Tensor& x, bool sums, bool unsigned_bytes) {
-  return quantize_input(
-      x, sums, unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain, false);
+  return quantize_input(x, sums,
+                        unsigned_bytes ? ActivationLayout::kInt8Avx512 : ActivationLayout::kPlain,
+                        false, true);
 }
 
 common::PlainActivations quantize_plain(const at::Tensor& x, bool unsigned_bytes,
