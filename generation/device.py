@@ -23,6 +23,16 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles: there bf16 GEMMs outrun ragqa's integer prefill GEMM."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
 def choose_device(requested: str = "auto") -> torch.device:
     if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be one of auto, cpu, cuda; got {requested!r}")

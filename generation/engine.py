@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from generation import hugepages, lean_decode, qmatmul
 from generation.attention import use_decode_attention
-from generation.device import choose_device, choose_dtype, split_dtypes
+from generation.device import choose_device, choose_dtype, cpu_has_amx, split_dtypes
 from generation.gguf_packs import find_gguf
 from generation.kv import KV, append_kv
 from generation.memory import available_memory
@@ -34,6 +34,7 @@ from generation.quant_load import (
     checkpoint_files,
     checkpoint_weights,
     choose_prefill_weights,
+    integer_prefill_pays,
     quantize_model,
     source_fingerprint,
 )
@@ -145,14 +146,9 @@ class Engine:
                 prefill_weights,
                 matrix_values * prefill_dt.itemsize,
                 available_memory(),
-                # int4 packs, and gguf's (int4, Q5_0 and Q6_K blocks: 97 % of the 1.5B's
-                # prefill multiply-adds), where the float GEMM would be float32 (AVX2 CPUs).
-                # Not where it is bfloat16, even on Zen 5, where the integer GEMM prefills
-                # the 1.5B in 0.76x the time: its int8 activations left 88 of 100 eval
-                # outputs identical to none's there, bfloat16's 92 (README, machine AC).
-                integer=on_kernels
-                and prefill_dt == torch.float32
-                and quantization in ("int4", "gguf"),
+                integer=integer_prefill_pays(
+                    quantization, prefill_dt, on_kernels=on_kernels, amx=cpu_has_amx()
+                ),
             )
             # A quantized model loads in the dtype its checkpoint is stored in when that is
             # narrower (bfloat16 for float32), and quantize_model widens what stays float

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from generation import qmatmul
-from generation.device import split_dtypes
+from generation.device import cpu_has_amx, split_dtypes
 from generation.engine import Engine
 from generation.params import GenerationParams
 from generation.provision import pull_preset
@@ -28,7 +28,13 @@ from generation.quant import (
     quantize_int8_blocks,
     resolve_mode,
 )
-from generation.quant_load import SOURCE_KEY, cache_path, choose_prefill_weights, quantize_model
+from generation.quant_load import (
+    SOURCE_KEY,
+    cache_path,
+    choose_prefill_weights,
+    integer_prefill_pays,
+    quantize_model,
+)
 from generation.siblings import fuse_module
 from tests.conftest import MODEL_DIR, tiny_llama
 
@@ -430,6 +436,20 @@ def test_engine_with_integer_prefill_reports_it_and_decodes_as_generate_does(
     assert _engine_greedy(engine, ids) == _hf_greedy(engine, ids)
 
 
+def test_auto_takes_the_integer_prefill_for_int4_and_gguf_unless_bfloat16_runs_on_amx():
+    f32, bf16 = torch.float32, torch.bfloat16
+    for mode in ("int4", "gguf"):
+        assert integer_prefill_pays(mode, f32, on_kernels=True, amx=False)
+        assert integer_prefill_pays(mode, f32, on_kernels=True, amx=True)
+        assert integer_prefill_pays(mode, bf16, on_kernels=True, amx=False)  # Zen 4, Zen 5
+        assert not integer_prefill_pays(mode, bf16, on_kernels=True, amx=True)
+        assert not integer_prefill_pays(mode, f32, on_kernels=False, amx=False)
+    # int8 packs hold values the integer GEMM refuses; none has no packs at all
+    assert not integer_prefill_pays("int8", f32, on_kernels=True, amx=False)
+    assert not integer_prefill_pays("none", bf16, on_kernels=True, amx=False)
+    assert not integer_prefill_pays("gguf", torch.float16, on_kernels=True, amx=False)
+
+
 def test_auto_prefill_weights_keeps_floats_only_when_they_take_half_the_memory_or_less():
     assert choose_prefill_weights("auto", 5, 10) == "float"
     assert choose_prefill_weights("auto", 6, 10) == "quantized"
@@ -519,6 +539,20 @@ def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_in_float32(
         prefill_weights="auto",
     )
     assert report.prefill_weights == expected
+
+
+def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_in_bfloat16_without_amx(
+    tiny_bf16_model_dir, kernels
+):
+    _, report = Engine.load(
+        tiny_bf16_model_dir,
+        dtype="bfloat16",
+        quantization="int4",
+        group_size=32,
+        prefill_weights="auto",
+    )
+    assert report.prefill_dtype == "bfloat16"
+    assert report.prefill_weights == ("float" if cpu_has_amx() else "integer")
 
 
 def test_auto_prefill_weights_follow_the_memory_available_before_loading(
