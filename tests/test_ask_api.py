@@ -13,7 +13,8 @@ import torch
 
 from app.settings import Settings
 from generation import qmatmul
-from generation.device import choose_dtype
+from generation.device import choose_dtype, cpu_has_amx
+from generation.quant_load import integer_prefill_pays
 from tests import docs
 from tests.conftest import MODEL_DIR, LiveServer, wait_for
 
@@ -80,8 +81,10 @@ def test_default_service_decodes_with_its_ggufs_packs_where_the_kernels_build(se
     detail = httpx.get(f"{server.url}/healthz").json()["generator"]["detail"]
     expected = "gguf" if qmatmul.load() else "none"
     # auto prefills gguf packs on the integer GEMM where the float GEMMs would be float32
-    # (no bfloat16 speed-up on this CPU), else from float copies
-    integer = qmatmul.load() and choose_dtype(torch.device("cpu")) == torch.float32
+    # or bfloat16 without AMX, else (AMX) from float copies; gguf keeps one dtype throughout
+    integer = qmatmul.load() and integer_prefill_pays(
+        "gguf", choose_dtype(torch.device("cpu")), on_kernels=True, amx=cpu_has_amx()
+    )
     prefill = "integer" if integer else "float"
     assert f"quantization {expected}, prefill from {prefill} weights in " in detail, detail
 
