@@ -527,32 +527,27 @@ def test_a_narrow_checkpoint_loads_narrow_and_widens_to_the_same_float32_model(
         assert torch.equal(narrow.model(ids).logits, wide.model(ids).logits)
 
 
-@pytest.mark.parametrize(("quantization", "expected"), [("int4", "integer"), ("int8", "float")])
-def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_in_float32(
-    tiny_bf16_model_dir, kernels, quantization, expected
+# In bfloat16 on AMX tiles the float GEMM keeps the prefill (integer_prefill_pays).
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "expected"),
+    [
+        ("float32", "int4", "integer"),
+        ("float32", "int8", "float"),
+        ("bfloat16", "int4", "float" if cpu_has_amx() else "integer"),
+    ],
+)
+def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_unless_bfloat16_has_amx(
+    tiny_bf16_model_dir, kernels, dtype, quantization, expected
 ):
     _, report = Engine.load(
         tiny_bf16_model_dir,
-        dtype="float32",
+        dtype=dtype,
         quantization=quantization,
         group_size=32,
         prefill_weights="auto",
     )
+    assert report.prefill_dtype == dtype
     assert report.prefill_weights == expected
-
-
-def test_auto_prefill_weights_take_the_integer_gemm_for_int4_packs_in_bfloat16_without_amx(
-    tiny_bf16_model_dir, kernels
-):
-    _, report = Engine.load(
-        tiny_bf16_model_dir,
-        dtype="bfloat16",
-        quantization="int4",
-        group_size=32,
-        prefill_weights="auto",
-    )
-    assert report.prefill_dtype == "bfloat16"
-    assert report.prefill_weights == ("float" if cpu_has_amx() else "integer")
 
 
 def test_auto_prefill_weights_follow_the_memory_available_before_loading(
